@@ -1,1 +1,191 @@
-fn main() {}
+//! herder: a socket-activation launcher. `main` is synchronous setup — parse flags, take (and
+//! unset) what the service manager passed, bind sockets, set the signal mask and the
+//! subreaper — then a hand-built current-thread tokio runtime runs the supervisor's loop.
+//! Setup errors are one line on stderr and exit status 2; once the loop runs, herder only
+//! exits when asked to stop or when it gives up.
+
+mod cli;
+mod listen;
+mod logging;
+mod notify;
+mod pid1;
+mod pool;
+mod reap;
+mod signals;
+mod spawn;
+mod supervisor;
+mod throttle;
+
+use std::ffi::OsString;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use tracing::info;
+
+use crate::listen::{InheritedEnv, SocketSet};
+
+use crate::pool::Pool;
+
+/// Usage or configuration error.
+pub const EXIT_USAGE: i32 = 2;
+
+/// What systemd (or another manager) put in our environment, removed from it before any
+/// thread exists so that no worker inherits it (workers get their own values).
+struct FromManager {
+    listen: InheritedEnv,
+    notify_socket: Option<OsString>,
+    watchdog_usec: Option<OsString>,
+    watchdog_pid: Option<OsString>,
+}
+
+fn take_env() -> FromManager {
+    let take = |k: &str| {
+        let v = std::env::var_os(k);
+        // SAFETY: called first thing in `main`, before the runtime or any other thread exists,
+        // so nothing can read the environment concurrently (std::env::remove_var docs).
+        unsafe { std::env::remove_var(k) };
+        v
+    };
+    FromManager {
+        listen: InheritedEnv {
+            listen_pid: take("LISTEN_PID"),
+            listen_fds: take("LISTEN_FDS"),
+            listen_fdnames: take("LISTEN_FDNAMES"),
+        },
+        notify_socket: take("NOTIFY_SOCKET"),
+        watchdog_usec: take("WATCHDOG_USEC"),
+        watchdog_pid: take("WATCHDOG_PID"),
+    }
+}
+
+fn main() {
+    spawn::ensure_std_fds();
+    let from_manager = take_env();
+    signals::unblock_all();
+    let cli = cli::parse();
+    if let Some(cli::Command::Generate { what, dir }) = &cli.command {
+        if let Err(e) = cli::generate(*what, dir) {
+            eprintln!("herder: cannot write into {}: {e}", dir.display());
+            std::process::exit(EXIT_USAGE);
+        }
+        return;
+    }
+    // Inherited fds first, before logging (the journal socket) opens anything past them.
+    let inherited = listen::inherit(&from_manager.listen, std::process::id())
+        .and_then(|l| listen::check_no_extra_fd(l.len()).map(|()| l));
+    logging::init();
+    let supervisor = match inherited
+        .map_err(anyhow::Error::from)
+        .and_then(|l| setup(&cli.run, from_manager, l))
+    {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("herder: {e:#}");
+            std::process::exit(EXIT_USAGE);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("herder: cannot start the event loop: {e}");
+            std::process::exit(EXIT_USAGE);
+        }
+    };
+    let code = runtime.block_on(supervisor.run());
+    std::process::exit(code);
+}
+
+fn cpus() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+fn setup(
+    args: &cli::RunArgs,
+    env: FromManager,
+    mut listeners: Vec<listen::Listener>,
+) -> Result<supervisor::Supervisor> {
+    let my_pid = std::process::id();
+    let mut cfg = args.pool_config(cpus()).map_err(anyhow::Error::msg)?;
+    cfg.manager_watchdog = notify::watchdog_interval(
+        env.watchdog_usec.as_ref().and_then(|v| v.to_str()),
+        env.watchdog_pid.as_ref().and_then(|v| v.to_str()),
+        my_pid,
+    );
+    let creds = credentials(args)?;
+    let worker_uid = creds
+        .as_ref()
+        .map_or_else(|| nix::unistd::getuid().as_raw(), |c| c.uid);
+
+    for spec in &args.listen {
+        listeners.push(listen::bind(spec, args.reuseport)?);
+    }
+    let mut sockets = SocketSet::new(listeners, args.reuseport)?;
+    sockets.prepare(cfg.workers)?;
+    for l in &sockets.listeners {
+        info!(addr = %l.display, name = %l.name, "listening");
+    }
+
+    let manager = match env.notify_socket.as_ref().and_then(|v| v.to_str()) {
+        Some(v) => Some(notify::Manager::new(v).context("NOTIFY_SOCKET")?),
+        None => None,
+    };
+    let plan = spawn::Plan::new(&args.command, creds).context("preparing the worker command")?;
+    pid1::become_subreaper();
+    if let Some(w) = cfg.manager_watchdog {
+        info!(interval = %pool::fmt_dur(w), "systemd watchdog enabled");
+    }
+    let pool = Pool::new(cfg, Instant::now());
+    Ok(supervisor::Supervisor::new(
+        pool, sockets, plan, manager, worker_uid,
+    ))
+}
+
+/// `--user` / `--group`, resolved once, before any fork (the lookups may read files and
+/// allocate, which the child must not).
+fn credentials(args: &cli::RunArgs) -> Result<Option<spawn::Credentials>> {
+    use nix::unistd::{Gid, Group, Uid, User};
+    let Some(user) = &args.user else {
+        if args.group.is_some() {
+            bail!("--group needs --user");
+        }
+        return Ok(None);
+    };
+    if !Uid::effective().is_root() {
+        bail!("--user {user}: herder must run as root to start workers as another user");
+    }
+    let (uid, primary_gid, name) = match user.parse::<u32>() {
+        Ok(n) => match User::from_uid(Uid::from_raw(n)).ok().flatten() {
+            Some(u) => (n, u.gid.as_raw(), Some(u.name)),
+            None => (n, n, None),
+        },
+        Err(_) => match User::from_name(user).with_context(|| format!("--user {user}"))? {
+            Some(u) => (u.uid.as_raw(), u.gid.as_raw(), Some(u.name)),
+            None => bail!("--user {user}: no such user"),
+        },
+    };
+    let gid = match &args.group {
+        None => primary_gid,
+        Some(g) => match g.parse::<u32>() {
+            Ok(n) => n,
+            Err(_) => match Group::from_name(g).with_context(|| format!("--group {g}"))? {
+                Some(gr) => gr.gid.as_raw(),
+                None => bail!("--group {g}: no such group"),
+            },
+        },
+    };
+    let groups = match (&name, &args.group) {
+        (Some(n), None) => {
+            let c = std::ffi::CString::new(n.as_str()).context("--user")?;
+            nix::unistd::getgrouplist(&c, Gid::from_raw(gid))
+                .map(|v| v.into_iter().map(|g| g.as_raw()).collect())
+                .unwrap_or_else(|_| vec![gid])
+        }
+        _ => vec![gid],
+    };
+    Ok(Some(spawn::Credentials { uid, gid, groups }))
+}

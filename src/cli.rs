@@ -1,0 +1,296 @@
+//! The command line: clap definitions and their translation into a validated [`Config`].
+//!
+//! This module owns the contract of `PRODUCT.md` (flag names, defaults, exit codes in `--help`).
+//! It must never touch the process: no sockets, no signals, no environment changes.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use nix::sys::signal::Signal;
+
+use crate::listen::ListenSpec;
+use crate::pool::{PoolConfig, ReadyMode};
+
+const EXIT_CODES: &str = "\
+Exit status:
+  0  stopped cleanly: every worker drained
+  1  gave up: workers kept failing (--restart-limit within --restart-window)
+  2  usage or configuration error (a one-line message says what is wrong)
+  3  stopped, but some workers had to be killed (--drain-timeout, or a forced stop)
+
+Signals: TERM, INT drain the pool (a second one, or QUIT, stops at once); HUP rolls the pool
+(zero-downtime reload); TTIN / TTOU add / remove one worker; USR1, USR2 are forwarded to every
+worker.";
+
+/// herder: a socket-activation launcher. It takes the listening socket from systemd
+/// (LISTEN_FDS) or binds its own, and runs a supervised pool of workers that share it.
+#[derive(Debug, Parser)]
+#[command(
+    name = "herder",
+    version,
+    after_help = EXIT_CODES,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub run: RunArgs,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Write the man page or shell completions into DIR (used by packaging).
+    #[command(hide = true)]
+    Generate {
+        #[arg(value_enum)]
+        what: Generate,
+        dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Generate {
+    Man,
+    Completions,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Bind a socket herder owns: HOST:PORT or [V6]:PORT (TCP), udp:HOST:PORT, unix:/path,
+    /// unix:@abstract. NAME goes into LISTEN_FDNAMES. Repeatable. Sockets inherited through
+    /// LISTEN_FDS come first.
+    #[arg(short, long, value_name = "[NAME=]ADDR")]
+    pub listen: Vec<ListenSpec>,
+
+    /// Pool size [default: the number of CPUs available to herder]
+    #[arg(short, long, value_name = "N")]
+    pub workers: Option<usize>,
+
+    /// Give each worker slot its own SO_REUSEPORT socket on the same address; herder keeps it
+    /// open across that slot's restarts.
+    #[arg(long)]
+    pub reuseport: bool,
+
+    /// When a worker counts as ready: right after exec, or when it sends READY=1 to herder's
+    /// NOTIFY_SOCKET.
+    #[arg(long, value_enum, default_value = "exec", value_name = "exec|notify")]
+    pub ready: ReadyArg,
+
+    /// A worker not ready by then is killed and counted as a failed start.
+    #[arg(long, value_parser = duration, default_value = "60s", value_name = "DUR")]
+    pub ready_timeout: Duration,
+
+    /// How many ready workers make the pool ready (READY=1) [default: all]
+    #[arg(long, value_name = "N")]
+    pub min_ready: Option<usize>,
+
+    /// Signal sent to a worker to make it drain.
+    #[arg(long, value_parser = signal, default_value = "TERM", value_name = "SIG")]
+    pub stop_signal: Signal,
+
+    /// How long a draining worker may take before SIGKILL.
+    #[arg(long, value_parser = duration, default_value = "30s", value_name = "DUR")]
+    pub drain_timeout: Duration,
+
+    /// Lame duck: on SIGTERM keep serving (but report not ready) this long, then drain.
+    #[arg(long, value_parser = duration, default_value = "0s", value_name = "DUR")]
+    pub shutdown_delay: Duration,
+
+    /// More than N restarts within --restart-window: give up (drain the pool, exit 1).
+    #[arg(long, default_value_t = 10, value_name = "N")]
+    pub restart_limit: u32,
+
+    /// The window for --restart-limit.
+    #[arg(long, value_parser = duration, default_value = "60s", value_name = "DUR")]
+    pub restart_window: Duration,
+
+    /// Slots replaced at once during a rolling reload.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub reload_surge: usize,
+
+    /// Workers get WATCHDOG_USEC; one that stops sending WATCHDOG=1 is killed and restarted.
+    #[arg(long, value_parser = duration, value_name = "DUR")]
+    pub worker_watchdog: Option<Duration>,
+
+    /// Run workers as this user (name or uid) after herder has bound the sockets.
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+
+    /// Run workers with this group (name or gid) [default: the user's primary group].
+    #[arg(long, value_name = "GROUP")]
+    pub group: Option<String>,
+
+    /// Serve /livez, /readyz and /status (JSON) over HTTP on this address.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub health: Option<String>,
+
+    /// The program every worker runs, and its arguments.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    pub command: Vec<OsString>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ReadyArg {
+    Exec,
+    Notify,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("'{s}' is not a duration like 500ms, 30s or 2m ({e})"))
+}
+
+/// Parses `TERM`, `SIGTERM` or `15`.
+pub fn signal(s: &str) -> Result<Signal, String> {
+    let upper = s.to_ascii_uppercase();
+    let name = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    if let Ok(n) = s.parse::<i32>() {
+        return Signal::try_from(n).map_err(|_| format!("'{s}' is not a signal number"));
+    }
+    name.parse::<Signal>()
+        .map_err(|_| format!("'{s}' is not a signal name like TERM or INT"))
+}
+
+impl RunArgs {
+    /// Turns the flags into the pool's configuration; `cpus` is the default pool size.
+    pub fn pool_config(&self, cpus: usize) -> Result<PoolConfig, String> {
+        let workers = self.workers.unwrap_or(cpus.max(1));
+        if workers == 0 {
+            return Err("--workers must be at least 1".into());
+        }
+        if self.reload_surge == 0 {
+            return Err("--reload-surge must be at least 1".into());
+        }
+        if self.min_ready == Some(0) {
+            return Err("--min-ready must be at least 1".into());
+        }
+        if let Some(w) = self.worker_watchdog {
+            if w < Duration::from_millis(10) {
+                return Err("--worker-watchdog must be at least 10ms".into());
+            }
+        }
+        if self.restart_window.is_zero() {
+            return Err("--restart-window must be longer than 0s".into());
+        }
+        Ok(PoolConfig {
+            workers,
+            ready: match self.ready {
+                ReadyArg::Exec => ReadyMode::Exec,
+                ReadyArg::Notify => ReadyMode::Notify,
+            },
+            ready_timeout: self.ready_timeout,
+            min_ready: self.min_ready,
+            stop_signal: self.stop_signal,
+            drain_timeout: self.drain_timeout,
+            shutdown_delay: self.shutdown_delay,
+            restart_limit: self.restart_limit,
+            restart_window: self.restart_window,
+            reload_surge: self.reload_surge,
+            worker_watchdog: self.worker_watchdog,
+            manager_watchdog: None,
+        })
+    }
+}
+
+/// Parses the command line; on a usage error prints one line and exits 2 (help and version
+/// exit 0).
+pub fn parse() -> Cli {
+    match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind::*;
+            if matches!(
+                e.kind(),
+                DisplayHelp | DisplayVersion | DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                e.exit();
+            }
+            let text = e.render().to_string();
+            let first = text
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("invalid usage");
+            let first = first.trim_start_matches("error: ");
+            let hint = if matches!(e.kind(), MissingRequiredArgument) && first.contains("COMMAND") {
+                "no COMMAND: usage is herder [OPTIONS] -- COMMAND [ARG]...".to_string()
+            } else {
+                first.to_string()
+            };
+            eprintln!("herder: {hint}");
+            std::process::exit(crate::EXIT_USAGE);
+        }
+    }
+}
+
+/// Writes the man page or the shell completions generated from these definitions.
+pub fn generate(what: Generate, dir: &std::path::Path) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    std::fs::create_dir_all(dir)?;
+    let mut cmd = Cli::command();
+    match what {
+        Generate::Man => {
+            let mut out = std::fs::File::create(dir.join("herder.1"))?;
+            clap_mangen::Man::new(cmd).render(&mut out)?;
+        }
+        Generate::Completions => {
+            use clap_complete::Shell;
+            for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+                clap_complete::generate_to(shell, &mut cmd, "herder", dir)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("herder").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn command_after_double_dash() {
+        let cli = parse(&["-w", "3", "--", "server", "--port", "1"]).unwrap();
+        assert_eq!(cli.run.workers, Some(3));
+        assert_eq!(cli.run.command, vec!["server", "--port", "1"]);
+    }
+
+    #[test]
+    fn no_command_is_an_error() {
+        assert!(parse(&["-w", "3"]).is_err());
+    }
+
+    #[test]
+    fn signals_by_name_and_number() {
+        assert_eq!(signal("TERM").unwrap(), Signal::SIGTERM);
+        assert_eq!(signal("sigint").unwrap(), Signal::SIGINT);
+        assert_eq!(signal("9").unwrap(), Signal::SIGKILL);
+        assert!(signal("NOPE").is_err());
+    }
+
+    #[test]
+    fn zero_workers_is_refused() {
+        let cli = parse(&["-w", "0", "--", "x"]).unwrap();
+        assert!(cli.run.pool_config(2).is_err());
+        let cli = parse(&["--", "x"]).unwrap();
+        assert_eq!(cli.run.pool_config(4).unwrap().workers, 4);
+    }
+
+    #[test]
+    fn durations() {
+        let cli = parse(&["--drain-timeout", "500ms", "--", "x"]).unwrap();
+        assert_eq!(cli.run.drain_timeout, Duration::from_millis(500));
+        assert!(parse(&["--drain-timeout", "soon", "--", "x"]).is_err());
+    }
+}

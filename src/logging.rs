@@ -1,0 +1,45 @@
+//! Logs: `tracing` to stderr, or to the journal with structured fields when stderr is the
+//! journal (systemd.exec(5) JOURNAL_STREAM). `HERDER_LOG` sets the filter (default `info`).
+//! Never stdout: that belongs to the workers.
+
+use std::os::fd::AsRawFd;
+
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{fmt, EnvFilter, Registry};
+
+/// Whether fd 2 is the stream systemd connected to the journal ("DEV:INODE").
+fn stderr_is_journal() -> bool {
+    let Some(v) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = v.to_str().and_then(|s| s.split_once(':')) else {
+        return false;
+    };
+    let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else {
+        return false;
+    };
+    match nix::sys::stat::fstat(std::io::stderr().as_raw_fd()) {
+        Ok(st) => st.st_dev == dev && st.st_ino == ino,
+        Err(_) => false,
+    }
+}
+
+pub fn init() {
+    let filter = EnvFilter::try_from_env("HERDER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    if stderr_is_journal() {
+        if let Ok(journald) = tracing_journald::layer() {
+            Registry::default()
+                .with(filter)
+                .with(journald.with_syslog_identifier("herder".into()))
+                .init();
+            return;
+        }
+    }
+    fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(false)
+        .init();
+}

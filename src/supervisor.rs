@@ -1,0 +1,179 @@
+//! The event loop: one `select!` over signals, worker notifications and one sleep until the
+//! pool's next deadline — no fixed-period polling. It owns every piece of state; the decisions
+//! are the pool's ([`Pool::handle`]); this module only performs the actions the pool returns
+//! (fork, kill, notify systemd, exit) and feeds back what happened.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Instant;
+
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::unistd::Pid;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tracing::{debug, error};
+
+use crate::listen::SocketSet;
+use crate::notify::{self, Incoming, Manager, WorkerSocket};
+use crate::pool::{Action, Event, Pool, WorkerId};
+use crate::signals::{Meaning, Signals};
+use crate::spawn::{self, Plan, WorkerEnv};
+
+/// Bound on queued worker notifications: a flood waits in the kernel, not in our memory.
+const NOTIFY_QUEUE: usize = 1024;
+
+pub struct Supervisor {
+    pub pool: Pool,
+    pub sockets: SocketSet,
+    pub plan: Plan,
+    pub manager: Option<Manager>,
+    /// The uid workers run as (their notifications are accepted from it).
+    pub worker_uid: u32,
+    readers: HashMap<WorkerId, JoinHandle<()>>,
+    tx: mpsc::Sender<Incoming>,
+    rx: mpsc::Receiver<Incoming>,
+    herder_pid: u32,
+}
+
+impl Supervisor {
+    pub fn new(
+        pool: Pool,
+        sockets: SocketSet,
+        plan: Plan,
+        manager: Option<Manager>,
+        worker_uid: u32,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel(NOTIFY_QUEUE);
+        Supervisor {
+            pool,
+            sockets,
+            plan,
+            manager,
+            worker_uid,
+            readers: HashMap::new(),
+            tx,
+            rx,
+            herder_pid: std::process::id(),
+        }
+    }
+
+    /// Runs until the pool exits; returns herder's exit status.
+    pub async fn run(mut self) -> i32 {
+        let mut signals = match Signals::register() {
+            Ok(s) => s,
+            Err(e) => {
+                error!("cannot install signal handlers: {e}");
+                return crate::EXIT_USAGE;
+            }
+        };
+        let mut events = VecDeque::from([Event::Start]);
+        loop {
+            while let Some(ev) = events.pop_front() {
+                let actions = self.pool.handle(ev, Instant::now());
+                if let Some(code) = self.perform(actions, &mut events) {
+                    self.finish();
+                    return code;
+                }
+            }
+            let deadline = self.pool.next_deadline();
+            let sleep = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                (sig, meaning) = signals.recv() => match meaning {
+                    Meaning::ChildExited => {
+                        for (pid, status) in crate::reap::reap_all() {
+                            self.reaped(pid);
+                            events.push_back(Event::Exited { pid, status });
+                        }
+                    }
+                    Meaning::Request(r) => {
+                        debug!(signal = sig.as_str(), "signal received");
+                        events.push_back(Event::Request(r));
+                    }
+                },
+                Some((id, msg)) = self.rx.recv() => events.push_back(Event::Message { id, msg }),
+                () = sleep => events.push_back(Event::Tick),
+            }
+        }
+    }
+
+    /// Performs the pool's actions; results of spawns are queued as new events.
+    fn perform(&mut self, actions: Vec<Action>, events: &mut VecDeque<Event>) -> Option<i32> {
+        let mut exit = None;
+        for action in actions {
+            match action {
+                Action::Spawn {
+                    id,
+                    slot,
+                    generation: _,
+                } => events.push_back(self.spawn(id, slot)),
+                Action::Signal { pid, signal } => {
+                    if let Err(e) = kill(Pid::from_raw(pid), signal) {
+                        debug!(pid, "kill({}) failed: {e}", signal.as_str());
+                    }
+                }
+                Action::KillGroup { pid } => {
+                    if killpg(Pid::from_raw(pid), Signal::SIGKILL).is_err() {
+                        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                    }
+                }
+                Action::ReleaseSlot { slot } => self.sockets.release(slot),
+                Action::Manager(msgs) => {
+                    if let Some(m) = self.manager.as_mut() {
+                        m.send(&msgs);
+                    }
+                }
+                Action::Exit(code) => exit = Some(code),
+            }
+        }
+        exit
+    }
+
+    fn spawn(&mut self, id: WorkerId, slot: usize) -> Event {
+        let failed = |code: i32, reason: String| Event::SpawnFailed { id, code, reason };
+        let fds = match self.sockets.fds_for(slot) {
+            Ok(f) => f,
+            Err(e) => return failed(126, e.to_string()),
+        };
+        let sock = match WorkerSocket::bind(self.herder_pid, id) {
+            Ok(s) => s,
+            Err(e) => return failed(126, e.to_string()),
+        };
+        let env = WorkerEnv {
+            slot,
+            fds: &fds,
+            fdnames: self.sockets.fdnames(),
+            notify_socket: &sock.address,
+            watchdog: self.pool.config().worker_watchdog,
+        };
+        match spawn::spawn(&self.plan, &env) {
+            Ok(pid) => {
+                let task = notify::serve_worker(sock, id, pid, self.worker_uid, self.tx.clone());
+                self.readers.insert(id, tokio::spawn(task));
+                Event::Spawned { id, pid }
+            }
+            Err(e) => failed(e.code(), e.to_string()),
+        }
+    }
+
+    /// A child was reaped: stop reading its notifications.
+    fn reaped(&mut self, pid: i32) {
+        if let Some(id) = self.pool.worker_of_pid(pid) {
+            if let Some(task) = self.readers.remove(&id) {
+                task.abort();
+            }
+        }
+    }
+
+    fn finish(&mut self) {
+        for (_, task) in self.readers.drain() {
+            task.abort();
+        }
+        // A worker's leftovers were reparented to us (subreaper or PID 1): the sweep gets them.
+        crate::pid1::sweep();
+        self.sockets.remove_owned_paths();
+    }
+}
