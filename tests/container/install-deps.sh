@@ -15,6 +15,7 @@ command -v runc >/dev/null || need+=(runc)
 file -L /bin/busybox 2>/dev/null | grep -q "statically linked" || need+=(busybox-static)
 command -v curl >/dev/null || need+=(curl)
 command -v python3 >/dev/null || need+=(python3)
+python3 -c "import yaml" 2>/dev/null || need+=(python3-yaml)
 command -v unshare >/dev/null || need+=(util-linux)
 command -v file >/dev/null || need+=(file)
 [ ${#need[@]} -eq 0 ] && exit 0
