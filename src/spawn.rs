@@ -280,13 +280,20 @@ struct ChildPlan<'a> {
 impl ChildPlan<'_> {
     /// Runs in the child between fork and exec. Only async-signal-safe calls (signal-safety(7)).
     unsafe fn run(self, listen_pid: Option<&mut PidSlot>, watchdog_pid: Option<&mut PidSlot>) -> ! {
-        // Default dispositions (exec keeps SIG_IGN: Rust's runtime ignores SIGPIPE) and an
-        // empty mask (exec keeps the mask).
-        let mut dfl: libc::sigaction = std::mem::zeroed();
-        dfl.sa_sigaction = libc::SIG_DFL;
-        for sig in 1..libc::SIGRTMAX() {
+        // Default dispositions (exec keeps SIG_IGN: Rust's runtime ignores SIGPIPE, and a parent
+        // may have ignored anything) and an empty mask (exec keeps the mask). The raw syscall,
+        // because glibc's sigaction refuses its internal signals 32 and 33, which an
+        // ignoring parent may have passed down too. A zeroed kernel sigaction is SIG_DFL.
+        let dfl = [0u64; 4];
+        for sig in 1..=64 {
             if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                libc::sigaction(sig, &dfl, std::ptr::null_mut());
+                libc::syscall(
+                    libc::SYS_rt_sigaction,
+                    sig,
+                    dfl.as_ptr(),
+                    std::ptr::null_mut::<u64>(),
+                    8usize,
+                );
             }
         }
         let mut empty: libc::sigset_t = std::mem::zeroed();
