@@ -1,0 +1,37 @@
+// The Node.js HTTP app of the peer sections: the same file runs under herder (socket at fd 3,
+// LISTEN_FDS), under Node's cluster module (bench/apps/node-cluster.js), under pm2 cluster mode
+// and under bench/apps/bare-launch.py. GET / -> "pid=<pid> slot=<slot>\n".
+// Drains on SIGTERM and SIGINT (pm2's default kill signal): stop accepting, finish in-flight
+// requests, close idle keep-alive connections, exit.
+'use strict';
+const http = require('http');
+const cluster = require('cluster');
+
+const slot = process.env.HERDER_WORKER ?? process.env.NODE_APP_INSTANCE ??
+  (cluster.worker ? String(cluster.worker.id) : '-');
+const server = http.createServer((req, res) => {
+  const body = `pid=${process.pid} slot=${slot}\n`;
+  res.writeHead(200, { 'content-type': 'text/plain', 'content-length': Buffer.byteLength(body) });
+  res.end(body);
+});
+server.keepAliveTimeout = 30000;
+
+// sd_listen_fds(3): the fds are ours only if LISTEN_PID names this process.
+const inherited = process.env.LISTEN_FDS && Number(process.env.LISTEN_PID) === process.pid;
+if (inherited) {
+  server.listen({ fd: 3 });
+} else {
+  server.listen(Number(process.env.PORT || 8080), process.env.HOST || '127.0.0.1');
+}
+server.on('listening', () => { if (process.send) process.send('ready'); });
+
+let draining = false;
+function drain() {
+  if (draining) return;
+  draining = true;
+  server.close(() => process.exit(0));
+  server.closeIdleConnections();
+  setTimeout(() => process.exit(0), 10000).unref();
+}
+process.on('SIGTERM', drain);
+process.on('SIGINT', drain);

@@ -1,0 +1,1 @@
+"""herder's benchmark suite; the entry point is bench/run."""

@@ -1,0 +1,333 @@
+"""RESULTS.md and results.svg from the results dict of one run (hand-written SVG, no deps)."""
+import os
+from html import escape
+
+TARGETS = "issue 7"
+
+
+def num(x, nd=0):
+    if x is None:
+        return "–"
+    return f"{x:,.{nd}f}"
+
+
+def ms(x):
+    return "–" if x is None else f"{x:.2f} ms"
+
+
+def ratio(x):
+    return "–" if x is None else f"{x:.2f}×"
+
+
+def mib(kib):
+    return "–" if kib is None else f"{kib / 1024:.1f} MiB"
+
+
+def pct(x):
+    return "–" if x is None else f"{x * 100:.0f}%"
+
+
+def secs(x):
+    if x is None:
+        return "–"
+    return f"{x * 1000:.0f} ms" if x < 1 else f"{x:.2f} s"
+
+
+def table(head, rows):
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out) + "\n"
+
+
+def missing_lines(sec):
+    m = sec.get("missing") or {}
+    if not m:
+        return ""
+    return "\n".join(f"- **missing: {v['label']}** — {v['reason']}" for v in m.values()) + "\n"
+
+
+def _ratio_of(sec, a, b, mode):
+    return (sec.get("ratios", {}).get(a, {}).get(b, {}) or {}).get(mode)
+
+
+def headline(r):
+    rows = []
+    s = r["sections"]
+    rp = s.get("request_path", {})
+    for a, b, what in (("herder", "bare_fd", "herder (shared fd) vs N bare processes on one fd"),
+                       ("herder_reuseport", "bare_reuseport",
+                        "herder --reuseport vs N bare SO_REUSEPORT processes")):
+        for mode in ("keepalive", "close"):
+            x = _ratio_of(rp, a, b, mode)
+            rows.append([f"{what}, {'keep-alive' if mode == 'keepalive' else 'new conn/request'}",
+                         "≥ 0.98×", ratio(x), "–" if x is None else ("yes" if x >= 0.98 else "no")])
+    pe = s.get("peers", {})
+    for ref, tgt, name in (("cluster_rr", 2.0, "node cluster round-robin"),
+                           ("pm2", 2.5, "pm2 cluster")):
+        x = _ratio_of(pe, "herder", ref, "close")
+        rows.append([f"herder vs {name}, node app, new conn/request", f"≥ {tgt}×", ratio(x),
+                     "–" if x is None else ("yes" if x >= tgt else "no")])
+    for ref, name in (("cluster_rr", "node cluster round-robin"),
+                      ("cluster_none", "node cluster SCHED_NONE"), ("pm2", "pm2 cluster")):
+        x = _ratio_of(pe, "herder", ref, "keepalive")
+        rows.append([f"herder vs {name}, node app, keep-alive", "> 1×", ratio(x),
+                     "–" if x is None else ("yes" if x > 1 else "no")])
+    for key, label in (("herder_demo", "herder-demo"), ("herder_node", "node app")):
+        row = s.get("reload", {}).get("table", {}).get(key)
+        if row:
+            rows.append([f"failed requests over {row['done']} herder reloads ({label})", "0",
+                         num(row.get("failed")), "yes" if row.get("failed") == 0 and
+                         row["done"] else "no"])
+    for key, label in (("herder_demo", "herder-demo"),):
+        row = s.get("crash", {}).get("table", {}).get(key)
+        if row:
+            refused = (row.get("fails") or {}).get("refused", 0)
+            rows.append([f"connections refused over {row['done']} worker kills ({label})", "0",
+                         num(refused), "yes" if refused == 0 and row["done"] else "no"])
+    w = s.get("weight", {}).get("table", {}).get("herder_64")
+    if w:
+        rows.append(["herder RSS, 64 workers, idle", "≤ 2.5 MiB", mib(w["rss_kib"]),
+                     "yes" if w["rss_kib"] <= 2560 else "no"])
+        rows.append(["herder CPU, 64 workers, idle", "0 (no polling)",
+                     f"{w['cpu_ms']:.0f} ms / {w['idle_s']} s, {w['wakeups']} wakeups", "yes"
+                     if w["cpu_ms"] == 0 else "no"])
+    f = s.get("fairness", {}).get("table", {}).get("herder_reuseport")
+    if f:
+        x = max(v for v in (f["keepalive"]["max_share"], f["close"]["max_share"]) if v is not None)
+        rows.append(["herder --reuseport: busiest of 2 workers, any round", "≤ 60%", pct(x),
+                     "yes" if x <= 0.6 else "no"])
+    return table(["claim", "target", "measured", "met"], rows)
+
+
+def throughput_section(sec, refs, intro):
+    if "crashed" in sec:
+        return f"**section crashed:** {sec['crashed']}\n"
+    out = intro.format(**sec) + "\n"
+    rows = []
+    for k, v in sec["table"].items():
+        rows.append([v["label"], num(v["keepalive"]["rps"]), ms(v["keepalive"]["p99_ms"]),
+                     num(v["close"]["rps"]), ms(v["close"]["p99_ms"]),
+                     v["keepalive"]["errors"] + v["close"]["errors"]])
+    out += table(["system", "keep-alive req/s", "p99", "new conn req/s", "p99", "wrk errors"],
+                 rows)
+    refs = [x for x in refs if x in sec["table"]]
+    if refs:
+        out += "\nRatios of medians of per-round ratios (A and B measured back to back):\n\n"
+        head = ["system"]
+        for ref in refs:
+            lab = sec["table"][ref]["label"]
+            head += [f"vs {lab}: keep-alive", "new conn"]
+        rows = []
+        for k, v in sec["table"].items():
+            if k in refs and len(refs) == 1:
+                continue
+            row = [v["label"]]
+            for ref in refs:
+                row += [ratio(_ratio_of(sec, k, ref, "keepalive")) if k != ref else "1×",
+                        ratio(_ratio_of(sec, k, ref, "close")) if k != ref else "1×"]
+            rows.append(row)
+        out += table(head, rows)
+    return out + missing_lines(sec)
+
+
+def events_section(sec, what, intro):
+    if "crashed" in sec:
+        return f"**section crashed:** {sec['crashed']}\n"
+    out = intro.format(**sec) + "\n"
+    rows = []
+    for k, v in sec["table"].items():
+        fails = ", ".join(f"{n} {c}" for c, n in sorted((v.get("fails") or {}).items())) or "–"
+        row = [v["label"], v["done"], num(v.get("ok")), num(v.get("failed")), fails,
+               num(v.get("per_event"), 2), secs(v.get("duration_median_s"))]
+        if what == "reload":
+            row.append(f"{mib(v.get('rss_before_kib'))} → {mib(v.get('rss_after_kib'))}")
+        row.append(v.get("error") or "")
+        rows.append(row)
+    head = ["system", what + "s", "ok", "failed", "failed by kind", f"failed per {what}",
+            f"median {what} time"]
+    if what == "reload":
+        head.append("manager RSS before → after")
+    head.append("note")
+    out += table(head, rows)
+    return out + missing_lines(sec)
+
+
+def weight_section(sec):
+    if "crashed" in sec:
+        return f"**section crashed:** {sec['crashed']}\n"
+    out = (f"The manager process (herder, gunicorn's arbiter, the cluster primary, pm2's daemon, "
+           f"tini) after its pool is up, idle for {sec['idle']} s: max RSS, CPU time used, and "
+           f"context switches (wakeups) in that window.\n\n")
+    rows = [[v["label"], v["workers"], mib(v["rss_kib"]), f"{v['cpu_ms']:.0f} ms",
+             f"{v['cpu_pct']:.2f}%", v["wakeups"], v["threads"]] for v in sec["table"].values()]
+    out += table(["manager", "workers", "RSS", "CPU in window", "CPU", "wakeups", "threads"], rows)
+    return out + missing_lines(sec)
+
+
+def scale_section(sec):
+    if "crashed" in sec:
+        return f"**section crashed:** {sec['crashed']}\n"
+    out = ("herder `--ready notify` with a trivial worker (bench/apps/notify-sleep.rs: sends "
+           "READY=1 to herder and \"ready <pid>\" to the benchmark's probe socket, then sleeps).\n\n")
+    rows = [[f"start → READY=1 with {k} workers", secs(v["median_s"]),
+             ", ".join(secs(x) for x in v["runs"])] for k, v in sec["start"].items()]
+    rp = sec.get("replace")
+    if rp:
+        rows.append([f"kill -9 of one worker (pool of {rp['workers']}) → replacement ready",
+                     secs(rp["median_s"]), f"max {secs(rp['max_s'])} over {len(rp['runs'])}"])
+    m = sec.get("mass")
+    if m:
+        rows.append([f"kill -9 of all {m['workers']} workers → all replacements ready",
+                     secs(m["whole_s"]), f"herder alive: {m['herder_alive']}" +
+                     (f"; {m['note']}" if m.get("note") else "")])
+    out += table(["event", "median", "runs"], rows)
+    return out + missing_lines(sec)
+
+
+def fairness_section(sec):
+    if "crashed" in sec:
+        return f"**section crashed:** {sec['crashed']}\n"
+    out = (f"Share of requests answered by the busiest of {sec['n']} herder-demo workers "
+           f"(bench/loadclient.py tallies the pid in each answer); {sec['rounds']} rounds of "
+           f"{sec['dur']} s; keep-alive with {sec['conns_keepalive']} connections, new "
+           f"connection per request with {sec['conns_close']} concurrent.\n\n")
+    rows = []
+    for v in sec["table"].values():
+        rows.append([v["label"], pct(v["keepalive"]["max_share"]),
+                     " ".join(pct(r[0]) for r in v["keepalive"]["rounds"]),
+                     pct(v["close"]["max_share"]),
+                     " ".join(pct(r[0]) for r in v["close"]["rounds"])])
+    out += table(["system", "keep-alive: max busiest share", "per round", "new conn: max",
+                  "per round"], rows)
+    return out + missing_lines(sec)
+
+
+def markdown(r):
+    m = r["machine"]
+    v = m["versions"]
+    s = r["sections"]
+    o = ["# herder benchmark results\n\n",
+         f"Generated by `bench/run{'' if r['mode'] == 'full' else ' --' + r['mode']}` "
+         f"({r['mode']} run, {r['seconds']:.0f} s) on {m['date']}, git `{m.get('git')}`.\n\n",
+         f"Machine: {m.get('cpu', '?')}, {m['cpus']} CPUs, {m.get('mem_gib', '?')} GiB, Linux "
+         f"{m['kernel']}; load average at start {' '.join(m.get('loadavg', []))}. The machine is "
+         "shared and noisy: read the **ratios** (A and B alternated within one run), not the "
+         "absolute numbers, and do not compare absolute numbers between runs.\n\n",
+         table(["component", "version"],
+               [[k, f"`{x}`" if x else "**missing**"] for k, x in v.items()]),
+         "\n![requests/s per system and failed requests per event](results.svg)\n",
+         f"\n## Headline (targets from {TARGETS})\n\n", headline(r)]
+    if "request_path" in s:
+        o += ["\n## 1. Request path: herder-demo, herder vs no supervisor\n\n",
+              throughput_section(s["request_path"], ["bare_fd", "bare_reuseport"],
+                                 "{n} herder-demo workers; wrk, {conns} connections, {dur} s "
+                                 "per run, {rounds} rounds, systems alternated in rotating "
+                                 "order; medians. New connection per request = wrk -H "
+                                 "'Connection: close'.\n")]
+    if "peers" in s:
+        o += ["\n## 2. Against the peers: the same Node.js app\n\n",
+              throughput_section(s["peers"], ["cluster_rr", "cluster_none", "pm2", "bare_fd"],
+                                 "bench/apps/node-app.js, {n} workers; wrk, {conns} connections, "
+                                 "{dur} s per run, {rounds} rounds alternated; medians.\n")]
+    if "reload" in s:
+        o += ["\n## 3. Reload under load\n\n",
+              events_section(s["reload"], "reload",
+                             "Continuous load from bench/loadclient.py ({conns} concurrent, new "
+                             "connection per request, {timeout} s timeout) while each system does "
+                             "{events} rolling reloads one after the other: herder SIGHUP, "
+                             "waiting for its next READY=1 on our NOTIFY_SOCKET; `pm2 reload`; "
+                             "the node cluster recipe (disconnect a worker, fork its "
+                             "replacement, wait for `listening`, next); gunicorn HUP (done when "
+                             "all {n} workers are new). Failed = refused, reset, closed "
+                             "before a full response, timeout or non-2xx (see "
+                             "bench/loadclient.py).\n")]
+    if "crash" in s:
+        o += ["\n## 4. Crash under load\n\n",
+              events_section(s["crash"], "kill",
+                             "Same load; kill -9 of a random worker, wait until the pool has "
+                             "{n} workers again (process table), pause, repeat {events} times. "
+                             "herder runs with `--restart-limit 100000` so that its default "
+                             "give-up (10 restarts in 60 s) does not end the section.\n")]
+    if "weight" in s:
+        o += ["\n## 5. Weight\n\n", weight_section(s["weight"])]
+    if "scale" in s:
+        o += ["\n## 6. Scale and reaction\n\n", scale_section(s["scale"])]
+    if "fairness" in s:
+        o += ["\n## 7. Fairness\n\n", fairness_section(s["fairness"])]
+    o.append("\nRaw numbers: `results.json` next to this file when kept (bench/out/ for "
+             "--quick runs). How to rerun and caveats: bench/README.md.\n")
+    return "".join(o)
+
+
+# --- SVG -----------------------------------------------------------------------------------
+
+COLORS = {"keep-alive": "#4e79a7", "new conn": "#f28e2b", "reload": "#e15759", "kill": "#76b7b2"}
+
+
+def _panel(y, title, groups, series, width=900, label_w=300):
+    """Horizontal grouped bars; groups = [(label, {series: value})]. Returns (svg, height)."""
+    bar_h, gap = 14, 10
+    vals = [v for _, d in groups for v in d.values() if v is not None]
+    vmax = max(vals) if vals else 1
+    vmax = vmax if vmax > 0 else 1
+    plot_w = width - label_w - 110
+    parts = [f'<text x="10" y="{y + 18}" font-size="15" font-weight="bold">{escape(title)}</text>']
+    lx = label_w
+    for i, s in enumerate(series):
+        parts.append(f'<rect x="{lx}" y="{y + 8}" width="12" height="12" fill="{COLORS[s]}"/>'
+                     f'<text x="{lx + 16}" y="{y + 18}" font-size="12">{escape(s)}</text>')
+        lx += 120
+    cy = y + 32
+    for label, d in groups:
+        parts.append(f'<text x="{label_w - 8}" y="{cy + bar_h * len(series) / 2 + 4}" '
+                     f'font-size="12" text-anchor="end">{escape(label)}</text>')
+        for s in series:
+            v = d.get(s)
+            w = 0 if v is None else max(1.0, plot_w * v / vmax) if v > 0 else 0
+            text = "n/a" if v is None else (f"{v:,.0f}" if vmax >= 100 else f"{v:.2f}")
+            parts.append(f'<rect x="{label_w}" y="{cy}" width="{w:.1f}" height="{bar_h - 2}" '
+                         f'fill="{COLORS[s]}"/><text x="{label_w + w + 4:.1f}" '
+                         f'y="{cy + bar_h - 4}" font-size="11">{text}</text>')
+            cy += bar_h
+        cy += gap
+    return "\n".join(parts), cy - y + 10
+
+
+def svg(r):
+    s = r["sections"]
+    panels = []
+    for key, title in (("request_path", "1. Request path, herder-demo: requests/s (median)"),
+                       ("peers", "2. Node.js app under each launcher: requests/s (median)")):
+        t = s.get(key, {}).get("table")
+        if t:
+            panels.append((title, [(v["label"], {"keep-alive": v["keepalive"]["rps"],
+                                                  "new conn": v["close"]["rps"]})
+                                   for v in t.values()], ["keep-alive", "new conn"]))
+    rel = s.get("reload", {}).get("table", {})
+    cra = s.get("crash", {}).get("table", {})
+    keys = list(dict.fromkeys(list(rel) + list(cra)))
+    if keys:
+        groups = []
+        for k in keys:
+            lab = (rel.get(k) or cra.get(k))["label"]
+            groups.append((lab, {"reload": (rel.get(k) or {}).get("per_event"),
+                                 "kill": (cra.get(k) or {}).get("per_event")}))
+        panels.append(("3-4. Failed requests per event (reload, kill -9 of a worker)",
+                       groups, ["reload", "kill"]))
+    y, body = 10, []
+    for title, groups, series in panels:
+        p, h = _panel(y, title, groups, series)
+        body.append(p)
+        y += h + 10
+    foot = (f'<text x="10" y="{y + 8}" font-size="11" fill="#555">bench/run, {r["mode"]} run, '
+            f'{escape(r["machine"]["date"])}; n/a = not measured (see RESULTS.md)</text>')
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="900" height="{y + 20}" '
+            f'font-family="sans-serif">\n<rect width="100%" height="100%" fill="white"/>\n'
+            + "\n".join(body) + "\n" + foot + "\n</svg>\n")
+
+
+def write(results, out):
+    with open(os.path.join(out, "RESULTS.md"), "w") as f:
+        f.write(markdown(results))
+    with open(os.path.join(out, "results.svg"), "w") as f:
+        f.write(svg(results))

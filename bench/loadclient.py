@@ -1,0 +1,137 @@
+#!/usr/bin/env python3
+"""A load client that counts failures precisely (wrk's error counts are too coarse for the reload
+and crash sections) and tallies which worker answered (fairness).
+
+    loadclient.py --port P [--conns C] [--duration S] [--keepalive] [--timeout S]
+
+Runs until --duration has passed or SIGTERM/SIGINT arrives, lets in-flight requests finish
+(each bounded by --timeout), then prints one JSON object on stdout.
+
+A request counts as ok when a complete HTTP response with a 2xx status arrived. Every other
+request is failed, in exactly one class:
+  refused  connect() got ECONNREFUSED (no socket listening)
+  reset    ECONNRESET / EPIPE while sending or reading
+  closed   the server closed the connection before a complete response (EOF)
+  timeout  no connection or no complete response within --timeout
+  non2xx   a complete response with a status outside 200-299
+  other    any other error (the message is kept in "examples")
+With --keepalive a connection is reused until it fails; in keep-alive mode a request sent on an
+idle connection the server closed concurrently is a failure too (HTTP clients would retry it).
+"""
+import argparse
+import asyncio
+import json
+import signal
+import time
+from collections import Counter
+
+REQ_CLOSE = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+REQ_KA = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+
+class Closed(Exception):
+    pass
+
+
+async def read_response(reader, keepalive):
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split()[1])
+    length = None
+    for line in lines[1:]:
+        k, _, v = line.partition(b":")
+        if k.strip().lower() == b"content-length":
+            length = int(v.strip())
+    if length is not None:
+        body = await reader.readexactly(length)
+    elif keepalive:
+        raise Closed("no content-length on keep-alive")
+    else:
+        body = await reader.read()
+    return status, body
+
+
+def classify(exc):
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused"
+    if isinstance(exc, (ConnectionResetError, BrokenPipeError)):
+        return "reset"
+    if isinstance(exc, (asyncio.IncompleteReadError, Closed)):
+        return "closed"
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timeout"
+    return "other"
+
+
+async def main(args):
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    ok = 0
+    fails = Counter()
+    examples = []
+    bodies = Counter()
+    fail_times = []
+    t0 = time.monotonic()
+    deadline = t0 + args.duration
+
+    def fail(kind, exc):
+        fails[kind] += 1
+        if len(fail_times) < 10000:
+            fail_times.append(round(time.monotonic() - t0, 3))
+        if kind == "other" and len(examples) < 5:
+            examples.append(repr(exc))
+
+    async def one_conn():
+        nonlocal ok
+        reader = writer = None
+        while not stop.is_set() and time.monotonic() < deadline:
+            try:
+                if writer is None:
+                    reader, writer = await asyncio.wait_for(
+                        asyncio.open_connection("127.0.0.1", args.port), args.timeout)
+                writer.write(REQ_KA if args.keepalive else REQ_CLOSE)
+                status, body = await asyncio.wait_for(
+                    read_response(reader, args.keepalive), args.timeout)
+                if 200 <= status < 300:
+                    ok += 1
+                    bodies[body.decode(errors="replace").strip()] += 1
+                else:
+                    fail("non2xx", None)
+                if not args.keepalive:
+                    writer.close()
+                    writer = None
+            except Exception as exc:  # noqa: BLE001 - every failure is classified
+                fail(classify(exc), exc)
+                if writer is not None:
+                    writer.close()
+                writer = None
+                if isinstance(exc, ConnectionRefusedError):
+                    await asyncio.sleep(0.001)
+        if writer is not None:
+            writer.close()
+
+    async def stopper():
+        await asyncio.wait([asyncio.ensure_future(stop.wait())],
+                           timeout=max(0.0, deadline - time.monotonic()))
+        stop.set()
+
+    tasks = [asyncio.ensure_future(one_conn()) for _ in range(args.conns)]
+    await asyncio.gather(stopper(), *tasks)
+    elapsed = time.monotonic() - t0
+    print(json.dumps({
+        "ok": ok, "failed": sum(fails.values()), "fails": dict(fails),
+        "elapsed": round(elapsed, 3), "rps": round(ok / elapsed, 1) if elapsed else 0,
+        "bodies": dict(bodies), "fail_times": fail_times, "examples": examples,
+    }))
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--conns", type=int, default=16)
+    p.add_argument("--duration", type=float, default=5.0)
+    p.add_argument("--timeout", type=float, default=5.0)
+    p.add_argument("--keepalive", action="store_true")
+    asyncio.run(main(p.parse_args()))
