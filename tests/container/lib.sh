@@ -44,7 +44,7 @@ is_code() { [ "$(http_code "$2")" = "$1" ]; }
 # stat_field PID N: field N (1-based, after the comm) of /proc/PID/stat; 1 = state, 2 = ppid.
 stat_field() {
     local s a
-    read -r s <"/proc/$1/stat" 2>/dev/null || return 1
+    read -r s 2>/dev/null <"/proc/$1/stat" || return 1
     read -ra a <<<"${s##*) }"
     printf '%s\n' "${a[$(($2 - 1))]}"
 }
@@ -52,7 +52,7 @@ stat_field() {
 children() {
     local p s a
     for p in /proc/[0-9]*; do
-        read -r s <"$p/stat" 2>/dev/null || continue
+        read -r s 2>/dev/null <"$p/stat" || continue
         read -ra a <<<"${s##*) }"
         [ "${a[1]}" = "$PARENT" ] && printf '%s %s\n' "${p#/proc/}" "${a[0]}"
     done
@@ -104,3 +104,17 @@ served_pids() {
 }
 # all_new OLD NEW: no pid of the list OLD appears in the list NEW (both newline-separated).
 all_new() { [ -n "$2" ] && [ -z "$(comm -12 <(sort <<<"$1") <(sort <<<"$2"))" ]; }
+
+# ---- the pool as the process tree shows it (independent of /status) -----------------------------
+# tree_pids HOSTPID COMM: namespace pids of HOSTPID's live children whose comm is COMM, sorted.
+tree_pids() {
+    local c
+    for c in $(children_of "$1" | awk '$2 != "Z" { print $1 }'); do
+        [ "$(cat "/proc/$c/comm" 2>/dev/null)" = "$2" ] && pid_in_ns "$c"
+    done | sort -n
+}
+tree_count_is() { [ "$(tree_pids "$1" "$2" | grep -c .)" -eq "$3" ]; }
+# serving URL HOSTPID N: N herder-demo workers run under herder and GET / answers 200.
+serving() { tree_count_is "$2" herder-demo "$3" && is_code 200 "$1/"; }
+# rolled URL HOSTPID OLD N: N workers, none of them from OLD, and GET / answers.
+rolled() { serving "$1" "$2" "$4" && all_new "$3" "$(tree_pids "$2" herder-demo)"; }
