@@ -220,7 +220,8 @@ pub fn parse() -> Cli {
                 .find(|l| !l.trim().is_empty())
                 .unwrap_or("invalid usage");
             let first = first.trim_start_matches("error: ");
-            let hint = if matches!(e.kind(), MissingRequiredArgument) && first.contains("COMMAND") {
+            let hint = if matches!(e.kind(), MissingRequiredArgument) && text.contains("<COMMAND>")
+            {
                 "no COMMAND: usage is herder [OPTIONS] -- COMMAND [ARG]...".to_string()
             } else {
                 first.to_string()

@@ -1,0 +1,224 @@
+//! Bad input at setup: each case is one line on stderr, exit status 2, promptly, and no worker
+//! ever started. Inherited-fd cases run herder under a small python launcher that puts the
+//! fds in place and sets LISTEN_PID to the pid that then execs herder.
+
+mod common;
+
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const LAUNCHER: &str = r#"
+import os, socket, sys
+kind, fds, names = sys.argv[1], sys.argv[2], sys.argv[3]
+keep = []
+if kind in ("listening", "two"):
+    for i in range(2 if kind == "two" else 1):
+        s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(); keep.append(s)
+        os.dup2(s.fileno(), 3 + i); os.set_inheritable(3 + i, True)
+elif kind == "file":
+    f = open("/dev/null"); keep.append(f); os.dup2(f.fileno(), 3); os.set_inheritable(3, True)
+elif kind == "unlistened":
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); keep.append(s); os.dup2(s.fileno(), 3); os.set_inheritable(3, True)
+os.environ["LISTEN_PID"] = str(os.getpid())
+os.environ["LISTEN_FDS"] = fds
+if names != "-":
+    os.environ["LISTEN_FDNAMES"] = names
+os.execv(sys.argv[4], sys.argv[4:])
+"#;
+
+/// Runs herder to completion (with a deadline); its worker would print `WORKER RAN`.
+fn run(mut cmd: Command) -> Output {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = cmd.spawn().expect("spawn");
+    let pid = child.id() as i32;
+    let start = Instant::now();
+    let watchdog = std::thread::spawn(move || {
+        while start.elapsed() < Duration::from_secs(20) {
+            std::thread::sleep(Duration::from_millis(50));
+            if !alive(pid) {
+                return;
+            }
+        }
+        // SAFETY: kill(2) on our own child that overstayed.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    });
+    let out = child.wait_with_output().unwrap();
+    watchdog.join().unwrap();
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "setup errors are prompt"
+    );
+    out
+}
+
+/// Asserts exit 2, exactly one stderr line mentioning `expect`, and no worker.
+fn assert_usage_error(out: Output, expect: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "exit 2; stderr: {stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line: {stderr}");
+    assert!(lines[0].starts_with("herder: "), "{stderr}");
+    assert!(
+        lines[0].contains(expect),
+        "{:?} should mention {expect:?}",
+        lines[0]
+    );
+    assert!(!stdout.contains("WORKER RAN"), "no worker may start");
+}
+
+const WORKER: [&str; 3] = ["sh", "-c", "echo WORKER RAN; sleep 600"];
+
+fn herder(args: &[&str]) -> Command {
+    herder_cmd(args, &WORKER)
+}
+
+fn inherited(kind: &str, fds: &str, names: &str) -> Command {
+    let mut c = Command::new("python3");
+    c.args(["-c", LAUNCHER, kind, fds, names, HERDER, "-w", "1", "--"])
+        .args(WORKER);
+    c
+}
+
+#[test]
+fn address_in_use() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    assert_usage_error(run(herder(&["-l", &addr])), "address already in use");
+}
+
+#[test]
+fn unparsable_address() {
+    assert_usage_error(
+        run(herder(&["-l", "localhost:http"])),
+        "invalid address 'localhost:http'",
+    );
+    assert_usage_error(
+        run(herder(&["-l", "unix:relative/path"])),
+        "invalid address",
+    );
+}
+
+#[test]
+fn zero_workers() {
+    assert_usage_error(run(herder(&["-w", "0"])), "--workers must be at least 1");
+}
+
+#[test]
+fn no_command() {
+    let mut c = Command::new(HERDER);
+    c.args(["-w", "1"]);
+    assert_usage_error(run(c), "no COMMAND");
+}
+
+#[test]
+fn unknown_flag_and_bad_duration() {
+    assert_usage_error(run(herder(&["--frobnicate"])), "--frobnicate");
+    assert_usage_error(run(herder(&["--drain-timeout", "soon"])), "not a duration");
+    assert_usage_error(run(herder(&["--stop-signal", "NOPE"])), "not a signal");
+}
+
+#[test]
+fn listen_fds_not_a_number() {
+    assert_usage_error(
+        run(inherited("listening", "three", "-")),
+        "LISTEN_FDS=three: not a number",
+    );
+}
+
+#[test]
+fn listen_fds_names_a_missing_fd() {
+    assert_usage_error(
+        run(inherited("listening", "2", "-")),
+        "LISTEN_FDS=2 but fd 4 is not open",
+    );
+}
+
+#[test]
+fn listen_fds_smaller_than_what_was_passed() {
+    assert_usage_error(
+        run(inherited("two", "1", "-")),
+        "LISTEN_FDS=1 but fd 4 is also open",
+    );
+}
+
+#[test]
+fn listen_fdnames_with_the_wrong_count() {
+    assert_usage_error(
+        run(inherited("listening", "1", "a:b")),
+        "LISTEN_FDNAMES has 2 names but LISTEN_FDS=1",
+    );
+}
+
+#[test]
+fn an_inherited_fd_that_is_not_a_socket() {
+    assert_usage_error(
+        run(inherited("file", "1", "-")),
+        "inherited fd 3 is not a socket",
+    );
+}
+
+#[test]
+fn an_inherited_stream_socket_that_is_not_listening() {
+    assert_usage_error(
+        run(inherited("unlistened", "1", "-")),
+        "fd 3 is a stream socket that is not listening",
+    );
+}
+
+#[test]
+fn a_regular_file_where_the_unix_socket_goes_is_not_removed() {
+    let dir = TempDir::new("unixfile");
+    let path = dir.path().join("app.sock");
+    std::fs::write(&path, "precious").unwrap();
+    let spec = format!("unix:{}", path.display());
+    assert_usage_error(run(herder(&["-l", &spec])), "exists and is not a socket");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "precious");
+}
+
+#[test]
+fn user_when_not_root_or_unknown() {
+    if root() {
+        assert_usage_error(
+            run(herder(&["--user", "no-such-user-herder"])),
+            "no such user",
+        );
+    } else {
+        assert_usage_error(run(herder(&["--user", "nobody"])), "must run as root");
+    }
+}
+
+#[test]
+fn a_good_inherited_socket_is_used_after_all() {
+    // The control case for the launcher: the same path with valid input starts the worker.
+    let mut c = inherited("listening", "1", "web");
+    c.env("HERDER_LOG", "info");
+    let mut h = Herder::spawn(c);
+    h.wait_line(&["WORKER RAN"], LONG);
+    h.wait_line(&["listening", "name=web"], LONG);
+}
+
+#[test]
+fn a_stale_unix_socket_file_is_replaced_and_removed_at_exit() {
+    let dir = TempDir::new("stale");
+    let path = dir.path().join("app.sock");
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap()); // leaves the file behind
+    assert!(path.exists());
+    let spec = format!("unix:{}", path.display());
+    let mut h = Herder::start(&["-l", &spec, "-w", "1"], &[DEMO]);
+    h.wait_line(&["pool ready"], LONG);
+    let mut s = std::os::unix::net::UnixStream::connect(&path).expect("herder's socket accepts");
+    use std::io::{Read, Write};
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    h.signal(libc::SIGTERM);
+    assert_eq!(h.wait_exit(LONG).code(), Some(0));
+    assert!(!path.exists(), "herder removes the socket file it created");
+}
