@@ -255,6 +255,22 @@ part_ns() {
         fail "ns: --user nobody pool up"; show_log ns-user "$WORK/ns-user.log"
     fi
 
+    # --- two herders as PID 1 of their own pid namespaces, one network namespace (a pod of two
+    #     containers, or `--network host`): each one's pool must start cleanly ---
+    local P2 U1 H1
+    next_port P; next_port P2
+    ns_start ns-twin1 --listen "127.0.0.1:$P" --workers 3 -- "$DEMO"; U1=$NS_UNSHARE; H1=$NS_HERDER
+    if wait_for 15 serving "http://127.0.0.1:$P" "$H1" 3; then
+        ns_start ns-twin2 --listen "127.0.0.1:$P2" --workers 3 -- "$DEMO"
+        check "ns: a second PID-1 herder in the same network namespace starts its pool" \
+            wait_for 15 serving "http://127.0.0.1:$P2" "$NS_HERDER" 3
+        check "ns: second PID-1 herder in the same network namespace: no failed worker start" eval "! grep 'cannot start worker' '$WORK/ns-twin2.log' >&2"
+        [ -n "$NS_HERDER" ] && kill -TERM "$NS_HERDER"; wait_exit "$NS_UNSHARE" 15
+    else
+        fail "ns: first twin pool up"; show_log ns-twin1 "$WORK/ns-twin1.log"
+    fi
+    kill -TERM "$H1"; wait_exit "$U1" 15
+
     # --- negative control: a PID 1 that does not reap leaves a zombie, and the check sees it ---
     unshare --pid --fork --kill-child --mount-proc "$BUSYBOX" sh -c \
         "( $BUSYBOX sleep 0.1 & ); exec $BUSYBOX sleep 30" >/dev/null 2>&1 &
