@@ -170,6 +170,10 @@ fn listen_pid_is_the_worker_own_pid_under_systemd_socket_activate() {
     let _c = TcpStream::connect(("127.0.0.1", port)).unwrap();
     h.wait_line(&["pool ready"], LONG);
     for pid in h.spawned_pids() {
+        let comm = |pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        eventually("the worker to exec sleep", LONG, || {
+            comm(pid).trim() == "sleep"
+        });
         let env = environ(pid);
         assert!(env.contains(&format!("LISTEN_PID={pid}")), "{env:?}");
         assert!(env.contains(&"LISTEN_FDS=1".to_string()));
