@@ -36,6 +36,10 @@ fn bench_run_quick_smoke_runs_end_to_end() {
     let out: PathBuf =
         std::env::temp_dir().join(format!("herder-bench-smoke-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out).expect("create the output dir");
+    // The suite's progress log goes to a file, shown only when something fails.
+    let log_path = out.join("bench.log");
+    let log = std::fs::File::create(&log_path).expect("create bench.log");
 
     let started = Instant::now();
     let mut child = Command::new("python3")
@@ -46,6 +50,7 @@ fn bench_run_quick_smoke_runs_end_to_end() {
         .env("HERDER_DEMO_BIN", env!("CARGO_BIN_EXE_herder-demo"))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
+        .stderr(log)
         .spawn()
         .expect("start bench/run");
     // Every wait has a deadline: 90 s is the smoke budget, plus slack for a loaded machine.
@@ -57,7 +62,10 @@ fn bench_run_quick_smoke_runs_end_to_end() {
         if started.elapsed() > deadline {
             let _ = child.kill(); // by its pid; bench/run stops its own processes at exit
             let _ = child.wait();
-            panic!("bench/run --quick --smoke did not finish within {deadline:?}");
+            panic!(
+                "bench/run --quick --smoke did not finish within {deadline:?}\n{}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
+            );
         }
         std::thread::sleep(Duration::from_millis(200));
     };
@@ -71,9 +79,10 @@ fn bench_run_quick_smoke_runs_end_to_end() {
         .unwrap();
     eprintln!("{stdout}(took {:.0?})", started.elapsed());
 
+    let log_text = std::fs::read_to_string(&log_path).unwrap_or_default();
     assert!(
         status.success(),
-        "bench/run --quick --smoke failed: {status}"
+        "bench/run --quick --smoke failed: {status}\n{log_text}"
     );
     assert!(
         stdout.contains("sections run: 7/7"),

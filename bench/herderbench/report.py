@@ -141,10 +141,14 @@ def events_section(sec, what, intro):
                num(v.get("per_event"), 2), secs(v.get("duration_median_s"))]
         if what == "reload":
             row.append(f"{mib(v.get('rss_before_kib'))} → {mib(v.get('rss_after_kib'))}")
-        row.append(v.get("error") or "")
+        note = v.get("error") or ""
+        if v.get("not_replaced"):
+            note += f"old workers still running 30 s after {v['not_replaced']} reloads"
+        row.append(note)
         rows.append(row)
     head = ["system", what + "s", "ok", "failed", "failed by kind", f"failed per {what}",
-            f"median {what} time"]
+            "median reload time (to the last old worker gone)" if what == "reload" else
+            "median time until the pool is whole"]
     if what == "reload":
         head.append("manager RSS before → after")
     head.append("note")
@@ -178,7 +182,8 @@ def scale_section(sec):
     m = sec.get("mass")
     if m:
         rows.append([f"kill -9 of all {m['workers']} workers → all replacements ready",
-                     secs(m["whole_s"]), f"herder alive: {m['herder_alive']}" +
+                     secs(m["whole_s"]), f"herder alive: {m['herder_alive']}; READY=1 again: "
+                     f"{m['ready_again']}" +
                      (f"; {m['note']}" if m.get("note") else "")])
     out += table(["event", "median", "runs"], rows)
     return out + missing_lines(sec)

@@ -195,7 +195,12 @@ def _under_load(ctx, makers, events, act):
 
 def s3_reload(ctx):
     def act(s, row):
+        before = set(s.workers())
         s.reload()
+        # A reload is over when none of the old workers is left (they drain after their
+        # replacement is ready); this also proves the reload replaced them.
+        if before and not wait_until(lambda: not (set(s.workers()) & before), 30, 0.02):
+            row["not_replaced"] = row.get("not_replaced", 0) + 1
     return _under_load(ctx, _event_makers(ctx, []), ctx.cfg["reloads"], act)
 
 
