@@ -5,14 +5,17 @@
 //! exits when asked to stop or when it gives up.
 
 mod cli;
+mod health;
 mod listen;
 mod logging;
+mod metrics;
 mod notify;
 mod pid1;
 mod pool;
 mod reap;
 mod signals;
 mod spawn;
+mod status;
 mod supervisor;
 mod throttle;
 
@@ -130,6 +133,19 @@ fn setup(
         info!(addr = %l.display, name = %l.name, "listening");
     }
 
+    let health = match &args.health {
+        Some(addr) => {
+            let spec: listen::ListenSpec =
+                addr.parse().map_err(|e| anyhow::anyhow!("--health: {e}"))?;
+            if !matches!(spec.addr, listen::Addr::Tcp(_)) {
+                bail!("--health {addr}: expected HOST:PORT");
+            }
+            let l = listen::bind(&spec, false).context("--health")?;
+            info!(addr = %l.display, "health endpoint");
+            Some(std::net::TcpListener::from(l.fd))
+        }
+        None => None,
+    };
     let manager = match env.notify_socket.as_ref().and_then(|v| v.to_str()) {
         Some(v) => Some(notify::Manager::new(v).context("NOTIFY_SOCKET")?),
         None => None,
@@ -140,9 +156,9 @@ fn setup(
         info!(interval = %pool::fmt_dur(w), "systemd watchdog enabled");
     }
     let pool = Pool::new(cfg, Instant::now());
-    Ok(supervisor::Supervisor::new(
-        pool, sockets, plan, manager, worker_uid,
-    ))
+    let mut s = supervisor::Supervisor::new(pool, sockets, plan, manager, worker_uid);
+    s.health = health;
+    Ok(s)
 }
 
 /// `--user` / `--group`, resolved once, before any fork (the lookups may read files and

@@ -239,8 +239,21 @@ pub enum ReloadOutcome {
     Failed { generation: u64, why: String },
 }
 
+/// Running totals for `/metrics`.
+#[derive(Debug, Clone, Default)]
+pub struct Counters {
+    pub restarts: u64,
+    pub reloads_succeeded: u64,
+    pub reloads_failed: u64,
+    pub give_ups: u64,
+    /// Worker exits by reason: crash, drained, retired, watchdog, ready_timeout, spawn_failed,
+    /// superseded, killed.
+    pub exits: BTreeMap<&'static str, u64>,
+}
+
 pub struct Pool {
     cfg: PoolConfig,
+    pub counters: Counters,
     pub slots: Vec<Slot>,
     pub workers: BTreeMap<WorkerId, Worker>,
     pids: BTreeMap<i32, WorkerId>,
@@ -268,6 +281,7 @@ impl Pool {
         Pool {
             slots: vec![Slot::default(); cfg.workers],
             cfg,
+            counters: Counters::default(),
             workers: BTreeMap::new(),
             pids: BTreeMap::new(),
             next_id: 1,
@@ -517,6 +531,7 @@ impl Pool {
         s.current = None;
         s.last_exit = Some(desc.clone());
         s.restarts += 1;
+        self.counters.restarts += 1;
         if !self.throttle.allow(now) {
             let why = format!(
                 "more than {} restarts within {}; last: slot {slot} {desc}",
@@ -876,6 +891,7 @@ impl Pool {
     fn give_up(&mut self, why: String, now: Instant) {
         error!("giving up: {why}");
         self.gave_up = Some(why);
+        self.counters.give_ups += 1;
         let errno = self.workers.values().find_map(|w| w.errno);
         if let Some(e) = errno {
             self.manager.push(ManagerMsg::Errno(e));

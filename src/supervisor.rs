@@ -12,11 +12,13 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{debug, error};
 
+use crate::health::{self, Answer, Query, Route};
 use crate::listen::SocketSet;
 use crate::notify::{self, Incoming, Manager, WorkerSocket};
 use crate::pool::{Action, Event, Pool, WorkerId};
 use crate::signals::{Meaning, Signals};
 use crate::spawn::{self, Plan, WorkerEnv};
+use crate::{metrics, status};
 
 /// Bound on queued worker notifications: a flood waits in the kernel, not in our memory.
 const NOTIFY_QUEUE: usize = 1024;
@@ -32,6 +34,10 @@ pub struct Supervisor {
     tx: mpsc::Sender<Incoming>,
     rx: mpsc::Receiver<Incoming>,
     herder_pid: u32,
+    /// `--health`: the socket, until the loop starts serving it.
+    pub health: Option<std::net::TcpListener>,
+    queries_tx: mpsc::Sender<Query>,
+    queries: mpsc::Receiver<Query>,
 }
 
 impl Supervisor {
@@ -43,7 +49,11 @@ impl Supervisor {
         worker_uid: u32,
     ) -> Self {
         let (tx, rx) = mpsc::channel(NOTIFY_QUEUE);
+        let (queries_tx, queries) = mpsc::channel(health::MAX_CONNECTIONS);
         Supervisor {
+            health: None,
+            queries_tx,
+            queries,
             pool,
             sockets,
             plan,
@@ -65,6 +75,15 @@ impl Supervisor {
                 return crate::EXIT_USAGE;
             }
         };
+        if let Some(listener) = self.health.take() {
+            let served = listener
+                .set_nonblocking(true)
+                .and_then(|()| tokio::net::TcpListener::from_std(listener));
+            match served {
+                Ok(l) => drop(tokio::spawn(health::serve(l, self.queries_tx.clone()))),
+                Err(e) => error!("cannot serve the health endpoint: {e}"),
+            }
+        }
         let mut events = VecDeque::from([Event::Start]);
         loop {
             while let Some(ev) = events.pop_front() {
@@ -95,6 +114,7 @@ impl Supervisor {
                     }
                 },
                 Some((id, msg)) = self.rx.recv() => events.push_back(Event::Message { id, msg }),
+                Some(q) = self.queries.recv() => self.answer(q),
                 () = sleep => events.push_back(Event::Tick),
             }
         }
@@ -157,6 +177,33 @@ impl Supervisor {
             }
             Err(e) => failed(e.code(), e.to_string()),
         }
+    }
+
+    /// A health probe, answered from the loop's own state (so `/livez` proves the loop runs).
+    fn answer(&mut self, q: Query) {
+        let now = Instant::now();
+        let a = match q.route {
+            Route::Livez => Answer::text(200, "ok\n"),
+            Route::Readyz if self.pool.is_ready() => Answer::text(200, "ready\n"),
+            Route::Readyz => Answer::text(
+                503,
+                format!("not ready: {}\n", status::herder_state(&self.pool)),
+            ),
+            Route::Status => {
+                let doc = status::status_json(&self.pool, &self.sockets, now);
+                Answer {
+                    code: 200,
+                    content_type: "application/json",
+                    body: format!("{doc:#}\n"),
+                }
+            }
+            Route::Metrics => Answer {
+                code: 200,
+                content_type: "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                body: metrics::render(&self.pool),
+            },
+        };
+        let _ = q.reply.send(a);
     }
 
     /// A child was reaped: stop reading its notifications.

@@ -1,0 +1,206 @@
+//! The health endpoint (`--health ADDR`): plain HTTP/1.1 on a socket herder owns, for
+//! container probes and scrapers: `/livez`, `/readyz`, `/status` (JSON), `/metrics`.
+//!
+//! Every answer comes from the event loop itself, over a channel, so `/livez` proves the loop
+//! is alive (a wedged loop answers nothing and the probe fails). Connections are handled in
+//! their own tasks and never block the loop; hostile clients are bounded: at most
+//! [`MAX_CONNECTIONS`] at once, [`IO_TIMEOUT`] per connection, [`MAX_REQUEST`] bytes of
+//! request head. The parser is ours: four fixed GET routes do not justify an HTTP stack's
+//! weight in a process whose memory goal is counted in single megabytes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tracing::debug;
+
+pub const MAX_CONNECTIONS: usize = 64;
+pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
+pub const MAX_REQUEST: usize = 8 * 1024;
+/// How long a probe waits for the event loop before declaring it dead.
+const LOOP_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    Livez,
+    Readyz,
+    Status,
+    Metrics,
+}
+
+/// One HTTP answer, composed by the event loop.
+#[derive(Debug)]
+pub struct Answer {
+    pub code: u16,
+    pub content_type: &'static str,
+    pub body: String,
+}
+
+impl Answer {
+    pub fn text(code: u16, body: impl Into<String>) -> Answer {
+        Answer {
+            code,
+            content_type: "text/plain; charset=utf-8",
+            body: body.into(),
+        }
+    }
+}
+
+/// A question for the event loop, with where to put the answer.
+pub struct Query {
+    pub route: Route,
+    pub reply: oneshot::Sender<Answer>,
+}
+
+/// Accepts probe connections until the runtime ends.
+pub async fn serve(listener: TcpListener, tx: mpsc::Sender<Query>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let (conn, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                debug!("health accept failed: {e}");
+                continue;
+            }
+        };
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            if let Err(e) = tokio::time::timeout(IO_TIMEOUT, handle(conn, tx))
+                .await
+                .unwrap_or(Ok(()))
+            {
+                debug!(%peer, "health connection: {e}");
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn handle(mut conn: TcpStream, tx: mpsc::Sender<Query>) -> std::io::Result<()> {
+    let head = match read_head(&mut conn).await? {
+        Some(h) => h,
+        None => return respond(&mut conn, Answer::text(431, "request too large\n")).await,
+    };
+    let answer = match parse(&head) {
+        Err(code) => Answer::text(code, "bad request\n"),
+        Ok(route) => ask(&tx, route).await,
+    };
+    respond(&mut conn, answer).await
+}
+
+async fn ask(tx: &mpsc::Sender<Query>, route: Route) -> Answer {
+    let (reply, rx) = oneshot::channel();
+    let dead = || Answer::text(503, "event loop not responding\n");
+    if tx.send(Query { route, reply }).await.is_err() {
+        return dead();
+    }
+    match tokio::time::timeout(LOOP_TIMEOUT, rx).await {
+        Ok(Ok(a)) => a,
+        _ => dead(),
+    }
+}
+
+/// Reads until the blank line ending the head; `None` when it exceeds [`MAX_REQUEST`].
+async fn read_head(conn: &mut TcpStream) -> std::io::Result<Option<Vec<u8>>> {
+    let mut buf = Vec::with_capacity(512);
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = conn.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(Some(buf)); // half-closed: answer what we have
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.windows(2).any(|w| w == b"\n\n") {
+            return Ok(Some(buf));
+        }
+        if buf.len() > MAX_REQUEST {
+            return Ok(None);
+        }
+    }
+}
+
+/// The route of a `GET`/`HEAD` request line; an HTTP status code otherwise.
+pub fn parse(head: &[u8]) -> Result<Route, u16> {
+    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = std::str::from_utf8(line)
+        .map_err(|_| 400u16)?
+        .trim_end_matches('\r');
+    let mut parts = line.split(' ');
+    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return Err(400);
+    };
+    if !version.starts_with("HTTP/1.") {
+        return Err(400);
+    }
+    if method != "GET" && method != "HEAD" {
+        return Err(405);
+    }
+    let path = target.split('?').next().unwrap_or(target);
+    match path {
+        "/livez" | "/healthz" => Ok(Route::Livez),
+        "/readyz" => Ok(Route::Readyz),
+        "/status" => Ok(Route::Status),
+        "/metrics" => Ok(Route::Metrics),
+        _ => Err(404),
+    }
+}
+
+fn reason(code: u16) -> &'static str {
+    match code {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
+        _ => "Error",
+    }
+}
+
+async fn respond(conn: &mut TcpStream, a: Answer) -> std::io::Result<()> {
+    let body = if a.code == 404 {
+        "not found: try /livez /readyz /status /metrics\n".to_string()
+    } else {
+        a.body
+    };
+    let head = format!(
+        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
+        a.code,
+        reason(a.code),
+        a.content_type,
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await?;
+    conn.write_all(body.as_bytes()).await?;
+    conn.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes() {
+        assert_eq!(
+            parse(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n"),
+            Ok(Route::Livez)
+        );
+        assert_eq!(
+            parse(b"GET /readyz?verbose HTTP/1.0\r\n\r\n"),
+            Ok(Route::Readyz)
+        );
+        assert_eq!(parse(b"HEAD /status HTTP/1.1\r\n\r\n"), Ok(Route::Status));
+        assert_eq!(parse(b"GET /metrics HTTP/1.1\n\n"), Ok(Route::Metrics));
+        assert_eq!(parse(b"GET /nope HTTP/1.1\r\n\r\n"), Err(404));
+        assert_eq!(parse(b"POST /livez HTTP/1.1\r\n\r\n"), Err(405));
+        assert_eq!(parse(b"\xff\xfe garbage"), Err(400));
+        assert_eq!(parse(b""), Err(400));
+        assert_eq!(parse(b"GET /livez SPDY/3\r\n\r\n"), Err(400));
+    }
+}

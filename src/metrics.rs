@@ -1,0 +1,111 @@
+//! `/metrics` in the Prometheus text format, built from the pool's counters on each scrape
+//! (the `prometheus-client` crate does the encoding). Read-only.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::pool::Pool;
+use crate::status::{herder_state, worker_state};
+
+type Labels = Vec<(String, String)>;
+
+fn label(k: &str, v: &str) -> Labels {
+    vec![(k.to_string(), v.to_string())]
+}
+
+pub fn render(pool: &Pool) -> String {
+    let mut reg = Registry::with_prefix("herder");
+
+    let by_state = Family::<Labels, Gauge>::default();
+    for state in ["starting", "ready", "draining", "stopping"] {
+        by_state.get_or_create(&label("state", state)).set(0);
+    }
+    for w in pool.workers.values() {
+        by_state
+            .get_or_create(&label("state", worker_state(w)))
+            .inc();
+    }
+    let backoff = pool
+        .slots
+        .iter()
+        .filter(|s| s.current.is_none() && s.backoff_until.is_some())
+        .count();
+    by_state
+        .get_or_create(&label("state", "backoff"))
+        .set(backoff as i64);
+    reg.register(
+        "workers",
+        "Workers by state (backoff: slots waiting to restart)",
+        by_state,
+    );
+
+    let configured = Gauge::<i64>::default();
+    configured.set(pool.slots.len() as i64);
+    reg.register("pool_size", "Worker slots configured", configured);
+
+    let ready = Gauge::<i64>::default();
+    ready.set(pool.is_ready() as i64);
+    reg.register("ready", "1 when the pool is ready (as /readyz)", ready);
+
+    let generation = Gauge::<i64>::default();
+    generation.set(pool.generation as i64);
+    reg.register(
+        "generation",
+        "Current worker generation (incremented by each reload)",
+        generation,
+    );
+
+    let state = Family::<Labels, Gauge>::default();
+    state
+        .get_or_create(&label("state", herder_state(pool)))
+        .set(1);
+    reg.register("state", "herder's own state", state);
+
+    let c = &pool.counters;
+    let restarts = Counter::<u64>::default();
+    restarts.inc_by(c.restarts);
+    reg.register(
+        "restarts",
+        "Workers restarted after an unexpected exit",
+        restarts,
+    );
+
+    let reloads = Family::<Labels, Counter>::default();
+    reloads
+        .get_or_create(&label("result", "succeeded"))
+        .inc_by(c.reloads_succeeded);
+    reloads
+        .get_or_create(&label("result", "failed"))
+        .inc_by(c.reloads_failed);
+    reg.register("reloads", "Rolling reloads by result", reloads);
+
+    let exits = Family::<Labels, Counter>::default();
+    for reason in [
+        "crash",
+        "drained",
+        "retired",
+        "watchdog",
+        "ready_timeout",
+        "spawn_failed",
+        "superseded",
+        "killed",
+    ] {
+        exits.get_or_create(&label("reason", reason));
+    }
+    for (reason, n) in &c.exits {
+        exits.get_or_create(&label("reason", reason)).inc_by(*n);
+    }
+    reg.register("worker_exits", "Worker exits by reason", exits);
+
+    let give_ups = Counter::<u64>::default();
+    give_ups.inc_by(c.give_ups);
+    reg.register("give_ups", "Times herder gave up on a crash loop", give_ups);
+
+    let mut out = String::new();
+    // Encoding into a String cannot fail.
+    let _ = encode(&mut out, &reg);
+    out
+}
