@@ -93,7 +93,7 @@ pub fn render(pool: &Pool) -> String {
         "superseded",
         "killed",
     ] {
-        exits.get_or_create(&label("reason", reason));
+        exits.get_or_create(&label("reason", reason)).inc_by(0);
     }
     for (reason, n) in &c.exits {
         exits.get_or_create(&label("reason", reason)).inc_by(*n);
