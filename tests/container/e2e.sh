@@ -15,6 +15,8 @@
 # JSON matching the pool; --user nobody workers run as uid 65534 (in the container, on port 80).
 #
 #   part "manifest": packaging/kubernetes.yaml's grace-period arithmetic and probe ports hold.
+#   part "source" (opt-in, minutes): the default `docker build .` path, the Rust image replaced by
+#                  a stand-in made of this host's toolchain (nothing can be pulled here).
 #
 # Usage: tests/container/e2e.sh [manifest] [ns] [podman]   (default all; needs root; run
 #        tests/container/install-deps.sh first). Prints PASS/FAIL lines and "N passed, N failed";
@@ -37,22 +39,24 @@ missing() { echo "e2e: missing prerequisite: $*" >&2; exit 77; }
 [ "$(id -u)" = 0 ] || missing "root (unshare --pid, podman)"
 for tool in unshare curl python3 awk find; do command -v "$tool" >/dev/null || missing "$tool"; done
 file -L "$BUSYBOX" 2>/dev/null | grep -q 'statically linked' || missing "static $BUSYBOX (busybox-static)"
-if [[ " ${PARTS[*]} " == *" podman "* ]]; then
+if [[ " ${PARTS[*]} " == *" podman "* || " ${PARTS[*]} " == *" source "* ]]; then
     command -v podman >/dev/null || missing "podman (tests/container/install-deps.sh)"
     command -v runc >/dev/null || missing "runc (tests/container/install-deps.sh)"
 fi
 
 WORK=$(mktemp -d /tmp/herder-e2e.XXXXXX)
 chmod 755 "$WORK"
-BG_PIDS=()     # background processes we started (unshare, curl, podman stop): killed by pid
+BG_PIDS=()     # our background children (unshare, curl, podman stop, loops): killed by pid
 CONTAINERS=()  # container names: removed
 IMAGE=""       # image tag: removed
+IMAGES_EXTRA=()
 cleanup() {
     local p c
-    for p in "${BG_PIDS[@]}"; do kill -KILL "$p" 2>/dev/null; done
+    # Only processes that are still our children: a pid we already reaped may be someone else's.
+    for p in "${BG_PIDS[@]}"; do [ "$(stat_field "$p" 2)" = $$ ] && kill -KILL "$p" 2>/dev/null; done
     for p in "${BG_PIDS[@]}"; do wait "$p" 2>/dev/null; done
     for c in "${CONTAINERS[@]}"; do pm rm -f -t 0 "$c" >/dev/null 2>&1; done
-    [ -n "$IMAGE" ] && pm rmi -f "$IMAGE" >/dev/null 2>&1
+    for c in "$IMAGE" "${IMAGES_EXTRA[@]}"; do [ -n "$c" ] && pm rmi -f "$c" >/dev/null 2>&1; done
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -139,10 +143,10 @@ show_log() { echo "---- $1 (last lines) ----" >&2; tail -n 25 "$2" >&2 2>/dev/nu
 ns_start() {
     local name=$1; shift
     unshare --pid --fork --kill-child --mount-proc "$HERDER" "$@" >"$WORK/$name.log" 2>&1 &
+    # unshare --kill-child: killing unshare (by pid, in cleanup) takes herder and its namespace along.
     NS_UNSHARE=$!; BG_PIDS+=("$NS_UNSHARE")
     NS_HERDER=""
     wait_for 5 only_child "$NS_UNSHARE" && NS_HERDER=$(only_child "$NS_UNSHARE")
-    [ -n "$NS_HERDER" ] && BG_PIDS+=("$NS_HERDER")
 }
 
 part_ns() {
@@ -440,6 +444,34 @@ part_podman() {
     [ "$FAILED" = "$failed_before" ] || { ctr_logs c-usage; ctr_logs c-giveup; ctr_logs c-stuck; }
 }
 
+# ================================ part source: the default `docker build .` path ===============
+# The build stage wants the official Rust image, which cannot be pulled here. A stand-in takes its
+# place: an empty root filesystem (podman import) whose /usr, rustup and cargo homes are this
+# host's, bind-mounted into every RUN (`podman build -v`). The Dockerfile itself is unchanged:
+# same stages, same commands, the repository as the context (.dockerignore applies), default
+# target. Opt-in (a full release build from scratch, some minutes): e2e.sh source.
+part_source() {
+    local root=$WORK/standin tag=localhost/herder-e2e-src:$$ base=localhost/herder-e2e-rust:$$ out
+    mkdir -p "$root"/{tmp,root,etc,proc,dev,sys,run}
+    chmod 1777 "$root/tmp"
+    ln -s usr/bin "$root/bin"; ln -s usr/sbin "$root/sbin"; ln -s usr/lib "$root/lib"; ln -s usr/lib64 "$root/lib64"
+    grep -E '^(root|nobody):' /etc/passwd >"$root/etc/passwd"; grep -E '^(root|nogroup):' /etc/group >"$root/etc/group"
+    tar -C "$root" -cf "$WORK/standin.tar" . &&
+        pm import -q -c 'ENV PATH=/root/.cargo/bin:/usr/local/bin:/usr/bin:/bin HOME=/root' \
+            "$WORK/standin.tar" "$base" >/dev/null || { fail "source: stand-in Rust image"; return; }
+    IMAGES_EXTRA+=("$base" "$tag")
+    local rustup=${RUSTUP_HOME:-$HOME/.rustup} cargo=${CARGO_HOME:-$HOME/.cargo}
+    log "source: podman build (default target) with a stand-in for the Rust image"
+    if pm build -q --build-arg "RUST_IMAGE=$base" -v /usr:/usr:ro -v /etc/ssl:/etc/ssl:ro -v /etc/alternatives:/etc/alternatives:ro \
+        -v "$rustup:/root/.rustup:ro" -v "$cargo:/root/.cargo" -t "$tag" "$ROOT" >"$WORK/source.log" 2>&1; then
+        pass "source: the default Dockerfile path builds herder from the checkout"
+    else
+        fail "source: the default Dockerfile path builds"; show_log "podman build" "$WORK/source.log"; return
+    fi
+    out=$(pm run --rm "${ULIMITS[@]}" "$tag" --version 2>&1)
+    check "source: the built image runs herder ($out)" eval "grep -q '^herder ' <<<'$out'"
+}
+
 # ================================ part manifest: the k8s example's arithmetic ==================
 part_manifest() {
     local line py
@@ -458,9 +490,10 @@ fi
 for part in "${PARTS[@]}"; do
     case $part in
     manifest) part_manifest ;;
+    source) part_source ;;
     ns) part_ns ;;
     podman) [ -n "$STATIC_DIR" ] && part_podman ;;
-    *) echo "e2e: unknown part $part (manifest, ns, podman)" >&2; exit 2 ;;
+    *) echo "e2e: unknown part $part (manifest, ns, podman, source)" >&2; exit 2 ;;
     esac
 done
 
