@@ -118,11 +118,12 @@ served_by_several() {
     [ -z "$(comm -23 <(sort <<<"$served") <(sort <<<"$pids"))" ] ||
         { echo "served pids $served not all herder's workers $pids" >&2; return 1; }
 }
-# status_matches URL HOSTPID N: /status is valid JSON, N slots all ready, and its pids are exactly
-# the workers herder runs.
+# status_matches URL HOSTPID N: /status is valid JSON, N slots all ready, herder's pid 1, and its
+# slots' pids exactly the workers herder runs.
 status_matches() {
     local s; s=$(status "$1") || return 1
-    [ "$(awk '{ print $2, $3 }' <<<"$s")" = "$3 $3" ] || { echo "/status: $s, want $3 ready slots" >&2; return 1; }
+    [ "$(awk '{ print $2, $3, $5 }' <<<"$s")" = "$3 $3 1" ] ||
+        { echo "/status: $s, want $3 slots all ready, herder pid 1" >&2; return 1; }
     [ "$(worker_pids "$1")" = "$(tree_pids "$2" herder-demo)" ] ||
         { echo "/status pids $(worker_pids "$1" | xargs) != workers $(tree_pids "$2" herder-demo | xargs)" >&2; return 1; }
 }
@@ -310,7 +311,7 @@ build_image() {
     cp "$ROOT/packaging/container/passwd" "$ROOT/packaging/container/group" "$ctx/packaging/container/"
     cp "$STATIC_DIR/herder" "$STATIC_DIR/herder-demo" "$ctx/bin/"
     IMAGE=localhost/herder-e2e:$$
-    pm build -q --target prebuilt --build-arg BIN_DIR=bin -f "$ROOT/Dockerfile" -t "$IMAGE" "$ctx" >&2
+    pm build -q --layers=false --target prebuilt --build-arg BIN_DIR=bin -f "$ROOT/Dockerfile" -t "$IMAGE" "$ctx" >&2
 }
 
 # Explicit ulimits no higher than ours: the runtime cannot raise limits here (no CAP_SYS_RESOURCE),
@@ -462,7 +463,7 @@ part_source() {
     IMAGES_EXTRA+=("$base" "$tag")
     local rustup=${RUSTUP_HOME:-$HOME/.rustup} cargo=${CARGO_HOME:-$HOME/.cargo}
     log "source: podman build (default target) with a stand-in for the Rust image"
-    if pm build -q --build-arg "RUST_IMAGE=$base" -v /usr:/usr:ro -v /etc/ssl:/etc/ssl:ro -v /etc/alternatives:/etc/alternatives:ro \
+    if pm build -q --layers=false --build-arg "RUST_IMAGE=$base" -v /usr:/usr:ro -v /etc/ssl:/etc/ssl:ro -v /etc/alternatives:/etc/alternatives:ro \
         -v "$rustup:/root/.rustup:ro" -v "$cargo:/root/.cargo" -t "$tag" "$ROOT" >"$WORK/source.log" 2>&1; then
         pass "source: the default Dockerfile path builds herder from the checkout"
     else

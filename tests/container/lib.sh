@@ -86,10 +86,10 @@ dead() { ! alive "$1"; }
 
 # ---- herder's health endpoint -------------------------------------------------------------------
 # status URL: herder's /status, validated and normalised by status.py to one line:
-#   STATE N_SLOTS N_READY PID,PID,...
+#   STATE N_SLOTS N_READY PID,PID,... HERDER_PID
 status() {
     local body
-    body=$(curl -s -m 5 "$1") || return 1
+    body=$(curl -s -m 5 "$1/status") || return 1
     python3 "$HERE/status.py" <<<"$body"
 }
 # worker_pids URL: the pids /status reports, one a line, sorted.

@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """status.py -- validate herder's /status JSON (stdin) and print one normalised line:
 
-    STATE N_SLOTS N_READY PID,PID,...
+    STATE N_SLOTS N_READY PID,PID,... HERDER_PID
+
+(herder 0.1 shape: {"herder": {"state", "pid", "workers", ...}, "slots": [{"slot", "pid",
+"state", "uptime_s", "restarts", "last_exit", ...}], ...}; HERDER_PID is - when absent.)
 
 The contract (issue 5): herder's state, and per slot its pid, state, uptime, restarts and last
 exit. Exits 1 with a reason on stderr when the body is not JSON or a field is missing.
@@ -39,8 +42,14 @@ if not isinstance(slots, list):
     fail(f"no slots/workers list in {sorted(doc)}")
 
 _, state = find(doc, "state", "herder")
+herder_pid = "-"
 if isinstance(state, dict):
-    _, state = find(state, "state")
+    herder = state
+    _, state = find(herder, "state")
+    if isinstance(herder.get("pid"), int):
+        herder_pid = str(herder["pid"])
+    if isinstance(herder.get("workers"), int) and herder["workers"] != len(slots):
+        fail(f"herder.workers = {herder['workers']} but {len(slots)} slots")
 if not isinstance(state, str):
     fail(f"no herder state string in {sorted(doc)}")
 
@@ -58,4 +67,4 @@ for i, s in enumerate(slots):
         pids.append(str(pid))
     if st.lower() == "ready":
         ready += 1
-print(state.replace(" ", "_"), len(slots), ready, ",".join(pids) or "-")
+print(state.replace(" ", "_"), len(slots), ready, ",".join(pids) or "-", herder_pid)
