@@ -50,10 +50,13 @@ static DRAIN: AtomicBool = AtomicBool::new(false);
 static LISTENER: AtomicI32 = AtomicI32::new(-1);
 static PLACEHOLDER: AtomicI32 = AtomicI32::new(-1);
 
-/// stderr is herder's (or the journal's); a broken stderr must not panic us like eprintln! would.
+/// stderr is herder's (or the journal's), shared with sibling workers. Each line goes out in one
+/// write(2), so lines from several workers never interleave (pipe(7): writes up to PIPE_BUF are
+/// atomic), and a broken stderr is ignored instead of panicking like eprintln! would.
 macro_rules! log {
     ($($arg:tt)*) => {{
-        let _ = writeln!(io::stderr(), "herder-demo: {}", format_args!($($arg)*));
+        let line = format!("herder-demo: {}\n", format_args!($($arg)*));
+        let _ = io::stderr().write_all(line.as_bytes());
     }};
 }
 
@@ -380,6 +383,8 @@ struct PoolState {
     queue: VecDeque<OwnedFd>,
     idle: usize,
     live: usize,
+    /// The acceptor sleeps on `room` (at the limit, or draining): only then is a wakeup needed.
+    acceptor_waiting: bool,
 }
 
 impl Pool {
@@ -403,12 +408,14 @@ impl Pool {
             if DRAIN.load(SeqCst) {
                 return false;
             }
+            st.acceptor_waiting = true;
             st = self
                 .room
                 .wait_timeout(st, TICK)
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
         }
+        st.acceptor_waiting = false;
         true
     }
 
@@ -444,17 +451,22 @@ impl Pool {
     }
 
     fn handler_thread(&self) {
+        let mut conn = self.next_conn(false);
         loop {
-            let conn = self.next_conn();
             serve(conn, &self.body);
-            let mut st = self.lock();
-            st.live -= 1;
-            self.room.notify_one();
+            conn = self.next_conn(true);
         }
     }
 
-    fn next_conn(&self) -> OwnedFd {
+    /// Waits for a queued connection; `finished` says one was just closed (one lock for both).
+    fn next_conn(&self, finished: bool) -> OwnedFd {
         let mut st = self.lock();
+        if finished {
+            st.live -= 1;
+            if st.acceptor_waiting {
+                self.room.notify_one();
+            }
+        }
         st.idle += 1;
         loop {
             if let Some(conn) = st.queue.pop_front() {
@@ -468,6 +480,7 @@ impl Pool {
     fn wait_idle(&self) {
         let mut st = self.lock();
         while st.live > 0 {
+            st.acceptor_waiting = true;
             st = self.room.wait(st).unwrap_or_else(PoisonError::into_inner);
         }
     }
