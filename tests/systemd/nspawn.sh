@@ -133,9 +133,10 @@ leader_pid() {
 
 # Run in all the container's namespaces with a clean environment (no host CI variables leak in).
 # systemctl -M / machinectl need machined on the host, which we do not have: hence nsenter.
+# setsid: a new session, so nothing inside (a `kill 0`, a terminal signal) reaches the caller's group.
 inside() {
     local l=$1; shift
-    nsenter --target "$l" --mount --uts --ipc --net --pid --cgroup --root --wd -- \
+    setsid -w nsenter --target "$l" --mount --uts --ipc --net --pid --cgroup --root --wd -- \
         env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 SYSTEMD_PAGER= SYSTEMD_COLORS=0 "$@"
 }
 

@@ -1,0 +1,391 @@
+#!/usr/bin/env bash
+# e2e.sh -- herder under a real systemd. Boots Debian in systemd-nspawn (nspawn.sh), installs herder's
+# .deb, puts the shipped units (systemd/app.socket, app.service) in place with a drop-in that adapts
+# them to the demo worker (e2e-app.conf), and proves issue 4's claims with systemctl and a client
+# running inside the container:
+#   bookworm (systemd 252, Type=notify):
+#     [1] socket activation; "active" only once the pool is ready; STATUS= in systemctl status;
+#         requests reach several workers
+#     [2] systemctl reload rolls every worker with zero failed requests; ActiveState stays active
+#     [3] the watchdog kills a frozen (SIGSTOP) herder and Restart= brings it back
+#     [4] systemctl stop drains an in-flight request; nothing of the unit is left; herder's
+#         structured log lines are in the journal
+#     [5] a worker crash loop: herder gives up (exit 1), Result=exit-code, Restart= then the start
+#         limit take over
+#   trixie (systemd 257, Type=notify-reload drop-in):
+#     [6] systemctl reload is synchronous and loses no request
+#
+# Usage: tests/systemd/e2e.sh        (as root; or: cargo test --test systemd_e2e)
+# Env:   HERDER_BIN, HERDER_DEMO_BIN  binaries under test (default: target/debug/herder{,-demo})
+#        HERDER_DEB                   install this .deb instead of building one with packaging/build-deb.sh
+#        E2E_SUITES="bookworm trixie" which systems to boot (cold: both rootfs builds run in parallel)
+#        CI=true                      a machine that cannot run the suite is a failure, not a skip
+# Prints "N passed, N failed"; exit 0 when all passed, 1 on failure, 77 when skipped.
+# Every wait polls for evidence with a deadline; nothing waits on a bare sleep.
+set -uo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+NSPAWN=$here/nspawn.sh
+HERDER_BIN=${HERDER_BIN:-$repo/target/debug/herder}
+HERDER_DEMO_BIN=${HERDER_DEMO_BIN:-$repo/target/debug/herder-demo}
+E2E_SUITES=${E2E_SUITES:-bookworm trixie}
+RUN=/run/herder-e2e          # inside the container: client files and the crash-loop flag
+CLIENT=(python3 /opt/e2e/client.py)
+pass=0 fail=0 t_begin=$EPOCHREALTIME
+started=() bg=()
+tmp=$(mktemp -d /tmp/herder-e2e.XXXXXX)
+
+# ------------------------------------------------------------------------------------------ reporting
+ok()  { pass=$((pass + 1)); printf '  PASS  %s\n' "$*"; }
+bad() { fail=$((fail + 1)); printf '  FAIL  %s\n' "$*"; }
+check() { local what=$1; shift; if "$@"; then ok "$what"; else bad "$what"; fi; }
+note() { printf '        %s\n' "$*"; }
+elapsed() { awk "BEGIN { printf \"%.1f\", $EPOCHREALTIME - $1 }"; }
+now_ms() { local t=${EPOCHREALTIME/./}; echo $((t / 1000)); }
+
+# wait_for SECONDS CMD... : poll CMD every 100 ms until it succeeds; false once SECONDS have passed.
+wait_for() {
+    local end=$(($(now_ms) + $1 * 1000)); shift
+    until "$@" >/dev/null 2>&1; do
+        [ "$(now_ms)" -lt $end ] || return 1
+        sleep 0.1
+    done
+}
+
+# ------------------------------------------------------------------------------------------ preflight
+cannot_run() {
+    if [ "${CI:-}" = true ]; then
+        echo "e2e: cannot run: $1 -- and CI=true, so that is a failure"
+        echo "0 passed, 1 failed"
+        exit 1
+    fi
+    echo "skipping: $1"
+    exit 77
+}
+[ "$(id -u)" = 0 ] || cannot_run "not root (systemd-nspawn needs root)"
+for t in systemd-nspawn debootstrap nsenter; do
+    command -v $t >/dev/null || cannot_run "$t is not installed (run tests/systemd/install-deps.sh)"
+done
+for b in "$HERDER_BIN" "$HERDER_DEMO_BIN"; do
+    [ -x "$b" ] || { echo "e2e: no binary at $b (cargo build first)"; echo "0 passed, 1 failed"; exit 1; }
+done
+
+cleanup() {
+    local n p
+    for n in "${started[@]}"; do SD_NAME=$n "$NSPAWN" stop || true; done
+    # host-side nsenter processes of background clients end with their container; reap them
+    for p in "${bg[@]}"; do wait "$p" 2>/dev/null || true; done
+    rm -rf "$tmp"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# ------------------------------------------------------------------------------------------ the .deb + rootfs
+# In parallel: the rootfs of every suite (cold: ~2 min, all at once) and the .deb.
+t0=$EPOCHREALTIME
+declare -A build_pid
+for s in $E2E_SUITES; do
+    SD_SUITE=$s "$NSPAWN" build >/dev/null 2>"$tmp/build-$s.log" &
+    build_pid[$s]=$!
+done
+deb=${HERDER_DEB:-}
+why_no_deb=""
+if [ -z "$deb" ]; then
+    if command -v cargo-deb >/dev/null; then
+        if ! deb=$("$repo/packaging/build-deb.sh" --fast --bin "$HERDER_BIN" --out "$tmp/deb" 2>"$tmp/deb.log"); then
+            cat "$tmp/deb.log"
+            bad "packaging/build-deb.sh builds the .deb"
+            deb=""
+        fi
+    elif [ "${CI:-}" = true ]; then
+        bad "cargo-deb is installed (CI=true; run tests/systemd/install-deps.sh)"
+    else
+        why_no_deb="cargo-deb is not installed (tests/systemd/install-deps.sh installs it)"
+    fi
+fi
+for s in $E2E_SUITES; do
+    if ! wait "${build_pid[$s]}"; then
+        cat "$tmp/build-$s.log"
+        bad "build the $s rootfs"
+        echo "$pass passed, $fail failed"
+        exit 1
+    fi
+done
+echo "e2e: rootfs ready ($E2E_SUITES), ${deb:+built $(basename "$deb")}${why_no_deb:+no .deb: $why_no_deb}, in $(elapsed "$t0")s"
+[ -n "$deb" ] || [ -n "$why_no_deb" ] || { echo "$pass passed, $fail failed"; exit 1; }
+
+# ------------------------------------------------------------------------------------------ helpers
+# boot() exports SD_NAME/SD_SUITE: every nspawn.sh call from then on means the current container
+CT=""
+ct() { "$NSPAWN" exec "$@"; }
+copy_in() { "$NSPAWN" copy "$@"; }
+prop() { ct systemctl show app.service -p "$1" --value; }
+# worker pids: herder's children that are the demo (the sh wrapper has exec'd by then)
+workers() { ct pgrep -P "$(prop MainPID)" -x herder-demo | sort -n | tr '\n' ' '; }
+bg_ct() { ct "$@" & bg+=($!); }       # a client inside the container, in the background
+get_ok() { ct "${CLIENT[@]}" get "$1" >/dev/null; }
+
+boot() {
+    CT=herder-e2e-$$-${1:0:4}
+    export SD_NAME=$CT SD_SUITE=$1
+    local binds=(--bind-ro="$HERDER_DEMO_BIN:/opt/herder/herder-demo" --bind-ro="$here:/opt/e2e")
+    if [ -n "$deb" ]; then
+        binds+=(--bind-ro="$(dirname "$deb"):/opt/herder/deb")
+    else
+        binds+=(--bind-ro="$HERDER_BIN:/usr/bin/herder")
+    fi
+    started+=("$CT")
+    local t=$EPOCHREALTIME
+    if ! "$NSPAWN" start "${binds[@]}"; then
+        bad "$SD_SUITE boots"
+        return 1
+    fi
+    ok "$SD_SUITE boots to a running systemd ($(ct systemctl --version | head -1 | cut -d' ' -f1-2), $(elapsed "$t")s)"
+}
+
+# Install herder (the .deb, or the bind-mounted binary plus the repo's units) and the units.
+install_units() {
+    if [ -n "$deb" ]; then
+        check "dpkg -i installs $(basename "$deb")" ct dpkg -i "/opt/herder/deb/$(basename "$deb")" >/dev/null
+        local v pv
+        v=$(ct herder --version) pv=$(ct dpkg-query -W -f '${Version}' herder)
+        check "herder --version ($v) tells the package version ($pv)" test "$v" = "herder ${pv%-*}"
+        check "the package ships the man page, completions and example units" ct sh -c 'cd / && test -s usr/share/man/man1/herder.1.gz &&
+            test -s usr/share/bash-completion/completions/herder && test -s usr/share/zsh/vendor-completions/_herder &&
+            test -s usr/share/fish/vendor_completions.d/herder.fish && test -s usr/share/doc/herder/examples/app.service'
+        check "installing enables nothing (app.socket stays disabled until copied and enabled)" \
+            test "$(ct systemctl is-enabled app.socket 2>&1)" != enabled
+        ct cp /usr/share/doc/herder/examples/app.socket /usr/share/doc/herder/examples/app.service /etc/systemd/system/
+    else
+        note "herder bind-mounted at /usr/bin/herder instead of installed: $why_no_deb"
+        copy_in "$repo/systemd/app.socket" /etc/systemd/system/app.socket
+        copy_in "$repo/systemd/app.service" /etc/systemd/system/app.service
+    fi
+    copy_in "$here/e2e-app.conf" /etc/systemd/system/app.service.d/e2e.conf
+    ct mkdir -p $RUN
+}
+
+# After `systemctl reload`: the pool is back to 2 ready workers, none of them from before ($1).
+rolled() {
+    local old=" $1 " now p
+    [ "$(prop ActiveState)" = active ] || return 1
+    [[ $(prop StatusText) == "2/2 workers ready"* ]] || return 1
+    now=$(workers)
+    [ "$(wc -w <<<"$now")" = 2 ] || return 1
+    for p in $now; do [[ $old != *" $p "* ]] || return 1; done
+}
+
+# Runs the concurrent client and an ActiveState sampler around CMD...; checks zero failures, that
+# old and new workers both answered, and that ActiveState only ever read active or reloading.
+under_load() {
+    local old=$1; shift
+    ct sh -c "rm -f $RUN/stop $RUN/load.* $RUN/states"
+    bg_ct "${CLIENT[@]}" load $RUN
+    wait_for 10 ct test -e $RUN/load.started || { bad "load client started"; ct touch $RUN/stop; return 1; }
+    # sampling period 50 ms (a measurement, not a synchronisation); bounded to 60 s
+    bg_ct sh -c "i=0; while [ ! -e $RUN/stop ] && [ \$i -lt 1200 ]; do
+                   systemctl show -p ActiveState --value app.service; i=\$((i + 1)); sleep 0.05; done >$RUN/states"
+    "$@"
+    ct touch $RUN/stop
+    wait_for 20 ct test -e $RUN/load.out || { bad "load client finished"; return 1; }
+    local res ok failed pids new
+    res=$(ct cat $RUN/load.out)
+    ok=$(sed -n 's/^ok=//p' <<<"$res") failed=$(sed -n 's/^failed=//p' <<<"$res") pids=$(sed -n 's/^pids=//p' <<<"$res")
+    check "zero failed requests under a concurrent client ($ok ok, $failed failed)" test "$failed" = 0 -a "$ok" -gt 0
+    [ "$failed" = 0 ] || grep '^error=' <<<"$res" | sed 's/^/        /'
+    new=$(workers)
+    local o n saw_old=0 saw_new=0
+    for o in $old; do [[ ,$pids, == *",$o,"* ]] && saw_old=1; done
+    for n in $new; do [[ ,$pids, == *",$n,"* ]] && saw_new=1; done
+    check "the client was served by old and by new workers (pids $pids)" test $saw_old$saw_new = 11
+    wait_for 5 ct test -s $RUN/states
+    local states
+    states=$(ct sh -c "sort $RUN/states | uniq -c" | tr -s ' \n' ' ')
+    check "ActiveState never left active during the reload (samples:$states)" \
+        test -z "$(ct grep -vxE 'active|reloading' $RUN/states)"
+}
+
+# ------------------------------------------------------------------------------------------ bookworm
+suite_bookworm() {
+    echo "== bookworm: Type=notify, ExecReload=kill -HUP"
+    boot bookworm || return
+    install_units
+    ct systemctl daemon-reload
+    check "systemd-analyze verify app.socket app.service" ct systemd-analyze verify --man=no app.socket app.service
+
+    echo "-- [1] socket activation, readiness, STATUS=, several workers"
+    check "systemctl start app.socket" ct systemctl start app.socket
+    check "app.service is not running before the first connection" test "$(prop ActiveState)" = inactive
+    bg_ct sh -c "${CLIENT[*]} get / >$RUN/first.out 2>&1"
+    # Sample the unit while it starts: it must read "activating" until herder's READY=1.
+    local seen_activating=0 state="" status="" end=$(($(now_ms) + 20000)) out
+    while [ "$(now_ms)" -lt $end ]; do
+        out=$(ct systemctl show app.service -p ActiveState -p StatusText)
+        state=$(sed -n 's/^ActiveState=//p' <<<"$out") status=$(sed -n 's/^StatusText=//p' <<<"$out")
+        [ "$state" = activating ] && seen_activating=1
+        [ "$state" = active ] || [ "$state" = failed ] && break
+        sleep 0.05
+    done
+    check "the first connection starts app.service (it read 'activating', then '$state')" \
+        test $seen_activating$state = 1active
+    check "the first 'active' comes with herder's STATUS: '$status'" grep -q '^2/2 workers ready' <<<"$status"
+    local started_us active_us
+    started_us=$(prop ExecMainStartTimestampMonotonic) active_us=$(prop ActiveEnterTimestampMonotonic)
+    check "systemd waited for the pool: active $(((active_us - started_us) / 1000)) ms after exec (workers take 500)" \
+        test $((active_us - started_us)) -ge 500000
+    wait_for 15 ct test -s $RUN/first.out
+    check "the first connection is answered ($(ct cat $RUN/first.out))" ct grep -q '^pid=[0-9]* slot=[01]$' $RUN/first.out
+    check "MainPID is herder" test "$(ct cat /proc/"$(prop MainPID)"/comm)" = herder
+    status_line() { ct systemctl status app.service --no-pager | grep -q 'Status: "2/2 workers ready'; }
+    check "systemctl status shows herder's STATUS line" status_line
+    ct systemctl status app.service --no-pager | sed -n '1,/CGroup/p' | sed 's/^/        /'
+    local spread w
+    spread=$(ct "${CLIENT[@]}" spread 2) w=$(workers)
+    check "requests reach several workers (answered by: $spread; workers: $w)" \
+        sh -c 'test "$(echo $1 | wc -w)" -ge 2 && for p in $1; do case " $2 " in *" $p "*) ;; *) exit 1;; esac; done' \
+        sh "$spread" "$w"
+
+    echo "-- [2] systemctl reload: rolling restart, zero failed requests"
+    local main old
+    main=$(prop MainPID) old=$(workers)
+    reload_252() {
+        check "systemctl reload app returns 0" ct systemctl reload app.service
+        # systemd 252 returns before herder is done: wait on herder's READY and the new pool instead.
+        wait_for 30 rolled "$old"
+        check "every worker replaced and herder READY again (old: $old; new: $(workers))" rolled "$old"
+    }
+    under_load "$old" reload_252
+    check "MainPID unchanged by the reload" test "$(prop MainPID)" = "$main"
+
+    echo "-- [3] WatchdogSec=: pings while healthy; a frozen herder is killed and restarted"
+    check "WatchdogUSec=2s is in effect" test "$(prop WatchdogUSec)" = 2s
+    local wd n0
+    wd=$(prop WatchdogTimestampMonotonic) n0=$(prop NRestarts)
+    pinged() { [ "$(prop WatchdogTimestampMonotonic)" != "$wd" ]; }
+    check "herder pings the watchdog (WatchdogTimestamp advances)" wait_for 5 pinged
+    main=$(prop MainPID) old=$(workers)
+    [ "$main" -gt 1 ] && ct kill -STOP "$main"     # never "kill 0": that is the caller's process group
+    local t=$EPOCHREALTIME
+    restarted() {
+        local m
+        m=$(prop MainPID)
+        [ "$(prop NRestarts)" = $((n0 + 1)) ] && [ "$(prop SubState)" = running ] && [ "$m" != 0 ] && [ "$m" != "$main" ]
+    }
+    wait_for 30 restarted
+    check "systemd kills the SIGSTOPped herder and Restart= starts a new one ($(elapsed "$t")s)" restarted
+    journal_has() { ct journalctl -u app.service --no-pager | grep -q "$1"; }
+    check "the journal says why: watchdog timeout" journal_has "Watchdog timeout"
+    check "the frozen herder's workers are gone ($old)" ct sh -c 'for p; do [ ! -d /proc/$p ] || exit 1; done' sh $old
+    check "the new pool serves" get_ok /
+
+    echo "-- [4] systemctl stop: drain in-flight requests, leave nothing behind, journal"
+    ct rm -f $RUN/sent $RUN/slow.out
+    bg_ct "${CLIENT[@]}" slow 2500 $RUN
+    check "a slow request (2.5 s) is in flight" wait_for 10 ct test -e $RUN/sent
+    check "... and accepted by a worker (the accept queue is empty)" wait_for 10 ct "${CLIENT[@]}" accepted 8080
+    check "... and still in flight when the stop begins" ct test ! -e $RUN/slow.out
+    t=$EPOCHREALTIME
+    check "systemctl stop app returns 0" ct systemctl stop app.service
+    local took
+    took=$(elapsed "$t")
+    check "systemctl stop waited for the drain (${took}s)" awk "BEGIN { exit !($took >= 0.5) }"
+    wait_for 15 ct test -s $RUN/slow.out
+    check "the in-flight request completed: $(ct cat $RUN/slow.out)" ct grep -q '^status=200 body=pid=' $RUN/slow.out
+    check "herder exited 0 after the drain (Result=$(prop Result), status $(prop ExecMainStatus))" \
+        test "$(prop Result)/$(prop ExecMainStatus)" = success/0
+    check "no process of the unit is left (no herder, no herder-demo)" \
+        ct sh -c '! pgrep -x herder && ! pgrep -x herder-demo && ! test -s /sys/fs/cgroup/system.slice/app.service/cgroup.procs'
+    structured() {
+        ct journalctl -u app.service -o json --no-pager | grep '"_TRANSPORT":"journal"' | grep '"_COMM":"herder"' |
+            grep -q '"CODE_FILE"'
+    }
+    check "journalctl -u app has herder's structured entries (native journal protocol, with fields)" structured
+    note "herder's last journal lines:"
+    ct journalctl -u app.service --no-pager -o cat -n 200 _COMM=herder | tail -6 | sed 's/^/          /'
+    ct journalctl -u app.service --no-pager -o verbose -n 1 _COMM=herder | sed -n '2,$p' | grep -E '^ +[A-Z_]+=' |
+        grep -vE '^ +_(SOURCE|BOOT|MACHINE|CAP|SELINUX|HOSTNAME|TRANSPORT|RUNTIME|SYSTEMD_(SLICE|INVOCATION|CGROUP))' |
+        head -12 | sed 's/^ */          /'
+
+    echo "-- [5] crash loop: herder gives up, systemd records it, Restart= and the start limit take over"
+    ct systemctl reset-failed app.service          # earlier starts must not count towards the limit
+    check "systemctl start app (fresh pool)" ct systemctl start app.service
+    n0=$(prop NRestarts)
+    ct touch $RUN/crash                             # every new worker now exits 3 at once
+    ct "${CLIENT[@]}" get /crash >/dev/null 2>&1    # ...starting with the one that answers this
+    t=$EPOCHREALTIME
+    # systemd 252 keeps Result=exit-code and logs the refused restart; app.socket gets the
+    # service-start-limit-hit result and stops triggering.
+    limit_hit() {
+        [ "$(prop ActiveState)" = failed ] &&
+            ct journalctl -u app.service --no-pager | grep -q "Start request repeated too quickly"
+    }
+    wait_for 60 limit_hit
+    check "the 4th start within a minute is refused: unit failed, start limit hit ($(elapsed "$t")s)" limit_hit
+    check "herder's last STATUS says why: $(prop StatusText)" grep -q '^gave up' <<<"$(prop StatusText)"
+    local j
+    j=$(ct journalctl -u app.service --no-pager -o cat)
+    check "each start ended with herder's give-up: exit status 1, Result=exit-code ($(grep -c 'status=1/FAILURE' <<<"$j") times)" \
+        test "$(grep -c "Main process exited, code=exited, status=1/FAILURE" <<<"$j")" -ge 3 -a \
+             "$(grep -c "Failed with result 'exit-code'" <<<"$j")" -ge 2
+    check "Restart=on-failure restarted it in between (NRestarts $n0 -> $(prop NRestarts))" test "$(prop NRestarts)" -ge $((n0 + 2))
+    grep -E "Scheduled restart|Start request repeated|Failed with result" <<<"$j" | tail -4 | sed 's/^/        /'
+    note "app.socket: $(ct systemctl show app.socket -p ActiveState -p Result | tr '\n' ' ')"
+    ct rm -f $RUN/crash
+    ct systemctl reset-failed app.service app.socket
+    ct systemctl start app.socket
+    check "after reset-failed the socket activates a healthy pool again" get_ok /
+}
+
+# ------------------------------------------------------------------------------------------ trixie
+suite_trixie() {
+    echo "== trixie: Type=notify-reload (notify-reload.conf drop-in)"
+    boot trixie || return
+    install_units
+    if [ -n "$deb" ]; then
+        ct cp /usr/share/doc/herder/examples/notify-reload.conf /etc/systemd/system/app.service.d/
+    else
+        copy_in "$repo/systemd/notify-reload.conf" /etc/systemd/system/app.service.d/notify-reload.conf
+    fi
+    ct systemctl daemon-reload
+    check "systemd-analyze verify app.socket app.service" ct systemd-analyze verify --man=no app.socket app.service
+    check "Type=notify-reload is in effect" test "$(prop Type)" = notify-reload
+
+    echo "-- [6] socket activation and a synchronous reload"
+    check "systemctl start app.socket" ct systemctl start app.socket
+    check "the first connection starts the pool and is answered" get_ok /
+    check "app.service is active with herder's STATUS" test "$(prop ActiveState)" = active
+    local old main
+    old=$(workers) main=$(prop MainPID)
+    reload_sync() {
+        local t=$EPOCHREALTIME
+        check "systemctl reload app returns 0" ct timeout 60 systemctl reload app.service
+        local took now p fresh=0
+        took=$(elapsed "$t") now=$(workers)
+        for p in $now; do [[ " $old " == *" $p "* ]] || fresh=$((fresh + 1)); done
+        check "when it returned ($took s) every slot had a new ready worker (old: $old; now: $now)" \
+            test "$fresh" -ge 2 -a "$(prop ActiveState)" = active
+        check "... and herder's STATUS says so: $(prop StatusText)" grep -q '^2/2 workers ready' <<<"$(prop StatusText)"
+        wait_for 15 rolled "$old"
+    }
+    under_load "$old" reload_sync
+    check "MainPID unchanged by the reload" test "$(prop MainPID)" = "$main"
+    check "systemctl stop app returns 0" ct systemctl stop app.service
+    check "herder exited 0 after the drain (Result=$(prop Result), status $(prop ExecMainStatus))" \
+        test "$(prop Result)/$(prop ExecMainStatus)" = success/0
+}
+
+for s in $E2E_SUITES; do
+    t0=$EPOCHREALTIME
+    case $s in
+        bookworm) suite_bookworm ;;
+        trixie) suite_trixie ;;
+        *) bad "unknown suite $s" ;;
+    esac
+    note "$s: $(elapsed "$t0")s"
+    [ -n "$CT" ] && "$NSPAWN" stop 2>/dev/null
+done
+
+echo "e2e: total $(elapsed "$t_begin")s"
+echo "$pass passed, $fail failed"
+[ "$fail" = 0 ]
