@@ -44,6 +44,39 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Show the running pool: every slot's pid, state, uptime, restarts and last exit.
+    Status {
+        /// The full status document as JSON, for scripts.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        control: ControlArg,
+    },
+    /// Start a rolling reload of the running pool.
+    Reload {
+        /// Wait until the new generation serves: exit 0 then, 1 with the reason if abandoned.
+        #[arg(long)]
+        wait: bool,
+        /// With --wait, give up waiting after this long (the reload goes on).
+        #[arg(long, value_parser = duration, value_name = "DUR")]
+        timeout: Option<Duration>,
+        #[command(flatten)]
+        control: ControlArg,
+    },
+    /// Resize the running pool: N workers, or +N / -N.
+    Scale {
+        #[arg(allow_hyphen_values = true, value_name = "N|+N|-N")]
+        to: String,
+        #[command(flatten)]
+        control: ControlArg,
+    },
+    /// Stop the running pool: drain (like SIGTERM), or with --force at once (like SIGQUIT).
+    Stop {
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        control: ControlArg,
+    },
     /// Write the man page or shell completions into DIR (used by packaging).
     #[command(hide = true)]
     Generate {
@@ -51,6 +84,13 @@ pub enum Command {
         what: Generate,
         dir: PathBuf,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct ControlArg {
+    /// The running herder's control socket [default: $RUNTIME_DIRECTORY/herder.sock]
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -125,9 +165,14 @@ pub struct RunArgs {
     #[arg(long, value_name = "GROUP")]
     pub group: Option<String>,
 
-    /// Serve /livez, /readyz and /status (JSON) over HTTP on this address.
+    /// Serve /livez, /readyz, /status (JSON) and /metrics (Prometheus) over HTTP on this address.
     #[arg(long, value_name = "HOST:PORT")]
     pub health: Option<String>,
+
+    /// The control socket for `herder status|reload|scale|stop` (mode 0600)
+    /// [default: $RUNTIME_DIRECTORY/herder.sock under systemd, else none]
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
 
     /// The program every worker runs, and its arguments.
     #[arg(last = true, required = true, value_name = "COMMAND")]

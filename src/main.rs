@@ -5,6 +5,8 @@
 //! exits when asked to stop or when it gives up.
 
 mod cli;
+mod client;
+mod control;
 mod health;
 mod listen;
 mod logging;
@@ -66,12 +68,8 @@ fn main() {
     let from_manager = take_env();
     signals::unblock_all();
     let cli = cli::parse();
-    if let Some(cli::Command::Generate { what, dir }) = &cli.command {
-        if let Err(e) = cli::generate(*what, dir) {
-            eprintln!("herder: cannot write into {}: {e}", dir.display());
-            std::process::exit(EXIT_USAGE);
-        }
-        return;
+    if let Some(command) = cli.command {
+        std::process::exit(subcommand(command));
     }
     // Inherited fds first, before logging (the journal socket) opens anything past them.
     let inherited = listen::inherit(&from_manager.listen, std::process::id())
@@ -99,6 +97,29 @@ fn main() {
     };
     let code = runtime.block_on(supervisor.run());
     std::process::exit(code);
+}
+
+/// `herder status|reload|scale|stop|generate`: a client of a running herder, or a generator.
+fn subcommand(command: cli::Command) -> i32 {
+    use cli::Command::*;
+    use client::Ask;
+    match command {
+        Generate { what, dir } => match cli::generate(what, &dir) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("herder: cannot write into {}: {e}", dir.display());
+                EXIT_USAGE
+            }
+        },
+        Status { json, control } => client::run(Ask::Status { json }, control.control),
+        Reload {
+            wait,
+            timeout,
+            control,
+        } => client::run(Ask::Reload { wait, timeout }, control.control),
+        Scale { to, control } => client::run(Ask::Scale { to }, control.control),
+        Stop { force, control } => client::run(Ask::Stop { force }, control.control),
+    }
 }
 
 fn cpus() -> usize {
@@ -146,6 +167,14 @@ fn setup(
         }
         None => None,
     };
+    let control = match args.control.clone().or_else(control::default_path) {
+        Some(path) => {
+            let l = control::bind(&path)?;
+            info!(path = %path.display(), "control socket");
+            Some((l, path))
+        }
+        None => None,
+    };
     let manager = match env.notify_socket.as_ref().and_then(|v| v.to_str()) {
         Some(v) => Some(notify::Manager::new(v).context("NOTIFY_SOCKET")?),
         None => None,
@@ -158,6 +187,7 @@ fn setup(
     let pool = Pool::new(cfg, Instant::now());
     let mut s = supervisor::Supervisor::new(pool, sockets, plan, manager, worker_uid);
     s.health = health;
+    s.control = control;
     Ok(s)
 }
 

@@ -89,6 +89,8 @@ pub enum Request {
     /// TTIN / TTOU.
     ScaleUp,
     ScaleDown,
+    /// `herder scale N`.
+    ScaleTo(usize),
     /// USR1, USR2: passed on to every worker.
     Forward(Signal),
 }
@@ -228,7 +230,8 @@ pub enum Phase {
 }
 
 impl Phase {
-    fn serving(self) -> bool {
+    /// Workers serve and are restarted: running, or in the lame-duck delay.
+    pub fn serving(self) -> bool {
         matches!(self, Phase::Running | Phase::LameDuck { .. })
     }
 }
@@ -491,6 +494,7 @@ impl Pool {
         if let Some(pid) = w.pid {
             self.pids.remove(&pid);
         }
+        *self.counters.exits.entry(exit_reason(w.state)).or_default() += 1;
         let slot = w.slot;
         let (is_current, is_next) = match self.slots.get(slot) {
             Some(s) => (s.current == Some(id), s.next == Some(id)),
@@ -668,6 +672,7 @@ impl Pool {
             Request::Reload => self.reload(now),
             Request::ScaleUp => self.scale(self.slots.len() + 1, now),
             Request::ScaleDown => self.scale(self.slots.len().saturating_sub(1), now),
+            Request::ScaleTo(n) => self.scale(n, now),
             Request::Forward(signal) => {
                 for w in self.workers.values() {
                     if let (Some(pid), false) = (w.pid, w.state == stopped_killed()) {
@@ -822,6 +827,7 @@ impl Pool {
             self.last_reload = Some(ReloadOutcome::Succeeded {
                 generation: self.generation,
             });
+            self.counters.reloads_succeeded += 1;
             info!(generation = self.generation, "reload complete");
             if self.is_ready() || self.announced_ready {
                 self.announced_ready = true;
@@ -842,6 +848,7 @@ impl Pool {
             generation: self.generation,
             why,
         });
+        self.counters.reloads_failed += 1;
         if self.announced_ready {
             self.manager.push(ManagerMsg::Ready);
         }
@@ -1053,6 +1060,22 @@ impl Pool {
             out.insert(at, Action::Manager(msgs));
         }
         out
+    }
+}
+
+/// Why a worker that is gone went away, as `/metrics` counts it.
+fn exit_reason(state: State) -> &'static str {
+    match state {
+        State::Spawning => "spawn_failed",
+        State::Starting { .. } | State::Ready => "crash",
+        State::Stopping { why, .. } => match why {
+            StopWhy::Drain => "drained",
+            StopWhy::Retiring => "retired",
+            StopWhy::Watchdog => "watchdog",
+            StopWhy::ReadyTimeout => "ready_timeout",
+            StopWhy::Superseded => "superseded",
+            StopWhy::Killed => "killed",
+        },
     }
 }
 

@@ -4,7 +4,11 @@
 //! (fork, kill, notify systemd, exit) and feeds back what happened.
 
 use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
 use std::time::Instant;
+
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
 
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
@@ -15,10 +19,10 @@ use tracing::{debug, error};
 use crate::health::{self, Answer, Query, Route};
 use crate::listen::SocketSet;
 use crate::notify::{self, Incoming, Manager, WorkerSocket};
-use crate::pool::{Action, Event, Pool, WorkerId};
+use crate::pool::{Action, Event, Phase, Pool, ReloadOutcome, Request, WorkerId};
 use crate::signals::{Meaning, Signals};
 use crate::spawn::{self, Plan, WorkerEnv};
-use crate::{metrics, status};
+use crate::{control, metrics, status};
 
 /// Bound on queued worker notifications: a flood waits in the kernel, not in our memory.
 const NOTIFY_QUEUE: usize = 1024;
@@ -38,6 +42,13 @@ pub struct Supervisor {
     pub health: Option<std::net::TcpListener>,
     queries_tx: mpsc::Sender<Query>,
     queries: mpsc::Receiver<Query>,
+    /// `--control`: the socket (until served) and its path (removed at exit).
+    pub control: Option<(std::os::unix::net::UnixListener, PathBuf)>,
+    control_path: Option<PathBuf>,
+    requests_tx: mpsc::Sender<control::Request>,
+    requests: mpsc::Receiver<control::Request>,
+    /// `herder reload --wait` clients: the generation each waits for.
+    reload_waiters: Vec<(u64, oneshot::Sender<Value>)>,
 }
 
 impl Supervisor {
@@ -50,7 +61,13 @@ impl Supervisor {
     ) -> Self {
         let (tx, rx) = mpsc::channel(NOTIFY_QUEUE);
         let (queries_tx, queries) = mpsc::channel(health::MAX_CONNECTIONS);
+        let (requests_tx, requests) = mpsc::channel(16);
         Supervisor {
+            control: None,
+            control_path: None,
+            requests_tx,
+            requests,
+            reload_waiters: Vec::new(),
             health: None,
             queries_tx,
             queries,
@@ -84,6 +101,16 @@ impl Supervisor {
                 Err(e) => error!("cannot serve the health endpoint: {e}"),
             }
         }
+        if let Some((listener, path)) = self.control.take() {
+            self.control_path = Some(path);
+            let served = listener
+                .set_nonblocking(true)
+                .and_then(|()| tokio::net::UnixListener::from_std(listener));
+            match served {
+                Ok(l) => drop(tokio::spawn(control::serve(l, self.requests_tx.clone()))),
+                Err(e) => error!("cannot serve the control socket: {e}"),
+            }
+        }
         let mut events = VecDeque::from([Event::Start]);
         loop {
             while let Some(ev) = events.pop_front() {
@@ -93,6 +120,7 @@ impl Supervisor {
                     return code;
                 }
             }
+            self.settle_reload_waiters();
             let deadline = self.pool.next_deadline();
             let sleep = async {
                 match deadline {
@@ -115,6 +143,11 @@ impl Supervisor {
                 },
                 Some((id, msg)) = self.rx.recv() => events.push_back(Event::Message { id, msg }),
                 Some(q) = self.queries.recv() => self.answer(q),
+                Some(r) = self.requests.recv() => {
+                    if let Some(ev) = self.command(r) {
+                        events.push_back(ev);
+                    }
+                }
                 () = sleep => events.push_back(Event::Tick),
             }
         }
@@ -206,6 +239,85 @@ impl Supervisor {
         let _ = q.reply.send(a);
     }
 
+    /// A control-socket request: answered now, or (`reload --wait`) when the reload ends.
+    fn command(&mut self, r: control::Request) -> Option<Event> {
+        use control::{Command, Scale};
+        let serving = self.pool.phase == Phase::Running;
+        let (answer, event) = match r.command {
+            Command::Status => {
+                let doc = status::status_json(&self.pool, &self.sockets, Instant::now());
+                (control::ok(json!({ "status": doc })), None)
+            }
+            Command::Reload { .. } if !serving => {
+                (control::error("herder is stopping: no reload"), None)
+            }
+            Command::Reload { wait } => {
+                // The reload starts with the next event; its generation is the next one.
+                let generation = self.pool.generation + 1;
+                if wait {
+                    self.reload_waiters.push((generation, r.reply));
+                    return Some(Event::Request(Request::Reload));
+                }
+                (
+                    control::ok(json!({ "generation": generation })),
+                    Some(Event::Request(Request::Reload)),
+                )
+            }
+            Command::Scale(_) if !serving => {
+                (control::error("herder is stopping: no scaling"), None)
+            }
+            Command::Scale(s) => {
+                let now = self.pool.slots.len() as i64;
+                let target = match s {
+                    Scale::To(n) => n as i64,
+                    Scale::By(d) => now + d,
+                }
+                .max(1) as usize;
+                (
+                    control::ok(json!({ "workers": target })),
+                    Some(Event::Request(Request::ScaleTo(target))),
+                )
+            }
+            Command::Stop { force } => {
+                let req = if force {
+                    Request::ForceStop
+                } else {
+                    Request::Stop
+                };
+                (control::ok(json!({})), Some(Event::Request(req)))
+            }
+        };
+        let _ = r.reply.send(answer);
+        event
+    }
+
+    /// Answers `reload --wait` clients whose reload has ended (or can no longer end).
+    fn settle_reload_waiters(&mut self) {
+        if self.reload_waiters.is_empty() {
+            return;
+        }
+        let stopping = self.pool.phase != Phase::Running;
+        for (generation, reply) in std::mem::take(&mut self.reload_waiters) {
+            let answer = match &self.pool.last_reload {
+                _ if stopping => Some(control::error(
+                    "herder is stopping: the reload was abandoned",
+                )),
+                _ if self.pool.reloading => None,
+                Some(ReloadOutcome::Succeeded { generation: g }) if *g >= generation => {
+                    Some(control::ok(json!({ "generation": g })))
+                }
+                Some(ReloadOutcome::Failed { generation: g, why }) if *g >= generation => {
+                    Some(control::error(format!("reload failed: {why}")))
+                }
+                _ => None,
+            };
+            match answer {
+                Some(a) => drop(reply.send(a)),
+                None => self.reload_waiters.push((generation, reply)),
+            }
+        }
+    }
+
     /// A child was reaped: stop reading its notifications.
     fn reaped(&mut self, pid: i32) {
         if let Some(id) = self.pool.worker_of_pid(pid) {
@@ -221,6 +333,9 @@ impl Supervisor {
         }
         // A worker's leftovers were reparented to us (subreaper or PID 1): the sweep gets them.
         crate::pid1::sweep();
+        if let Some(p) = &self.control_path {
+            let _ = std::fs::remove_file(p);
+        }
         self.sockets.remove_owned_paths();
     }
 }

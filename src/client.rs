@@ -1,0 +1,237 @@
+//! The client side of the control socket: `herder status`, `reload`, `scale`, `stop`. Each
+//! sends one request line, prints the answer, and exits 0 on success, 1 when herder said no
+//! (a failed reload, a refused request), 2 when it cannot reach herder at all.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::control::{self, PROTOCOL_VERSION};
+
+/// What `herder <subcommand>` asks.
+pub enum Ask {
+    Status {
+        json: bool,
+    },
+    Reload {
+        wait: bool,
+        timeout: Option<Duration>,
+    },
+    Scale {
+        to: String,
+    },
+    Stop {
+        force: bool,
+    },
+}
+
+fn fail(code: i32, msg: impl std::fmt::Display) -> ! {
+    eprintln!("herder: {msg}");
+    std::process::exit(code)
+}
+
+fn resolve(path: Option<PathBuf>) -> PathBuf {
+    path.or_else(control::default_path).unwrap_or_else(|| {
+        fail(
+            crate::EXIT_USAGE,
+            "no control socket: pass --control PATH (or set RUNTIME_DIRECTORY)",
+        )
+    })
+}
+
+/// Parses `N`, `+N` or `-N`.
+fn scale_request(to: &str) -> Value {
+    let bad = || -> ! {
+        fail(
+            crate::EXIT_USAGE,
+            format!("scale: '{to}' is not N, +N or -N"),
+        )
+    };
+    if let Some(d) = to.strip_prefix('+') {
+        json!({"cmd": "scale", "by": d.parse::<i64>().unwrap_or_else(|_| bad())})
+    } else if to.starts_with('-') {
+        json!({"cmd": "scale", "by": to.parse::<i64>().unwrap_or_else(|_| bad())})
+    } else {
+        json!({"cmd": "scale", "to": to.parse::<u64>().unwrap_or_else(|_| bad())})
+    }
+}
+
+fn exchange(path: &Path, mut request: Value, timeout: Option<Duration>) -> Value {
+    request["v"] = json!(PROTOCOL_VERSION);
+    let mut s = UnixStream::connect(path).unwrap_or_else(|e| {
+        let why = match e.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                "nothing is listening there"
+            }
+            std::io::ErrorKind::PermissionDenied => "permission denied",
+            _ => "cannot connect",
+        };
+        fail(
+            crate::EXIT_USAGE,
+            format!(
+                "{}: {why} ({e}); is herder running with --control {}?",
+                path.display(),
+                path.display()
+            ),
+        )
+    });
+    let _ = s.set_read_timeout(timeout);
+    let line = format!("{request}\n");
+    // herder may answer (and close) before reading, e.g. to refuse our uid: the answer is
+    // still there to read, so a failed write is not the end.
+    let written = s.write_all(line.as_bytes());
+    let mut answer = String::new();
+    match BufReader::new(&s).read_line(&mut answer) {
+        Ok(0) if written.is_err() => fail(
+            crate::EXIT_USAGE,
+            format!("{}: {}", path.display(), written.unwrap_err()),
+        ),
+        Ok(0) => fail(
+            1,
+            "herder closed the connection without an answer (is it stopping?)",
+        ),
+        Ok(_) => {}
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            fail(
+                1,
+                "timed out waiting for herder's answer (the request goes on)",
+            )
+        }
+        Err(e) => fail(1, format!("reading the answer: {e}")),
+    }
+    serde_json::from_str(&answer).unwrap_or_else(|_| fail(1, format!("not an answer: {answer}")))
+}
+
+pub fn run(ask: Ask, path: Option<PathBuf>) -> i32 {
+    let path = resolve(path);
+    let (request, timeout) = match &ask {
+        Ask::Status { .. } => (json!({"cmd": "status"}), Some(Duration::from_secs(10))),
+        Ask::Reload { wait, timeout } => (json!({"cmd": "reload", "wait": wait}), *timeout),
+        Ask::Scale { to } => (scale_request(to), Some(Duration::from_secs(10))),
+        Ask::Stop { force } => (
+            json!({"cmd": "stop", "force": force}),
+            Some(Duration::from_secs(10)),
+        ),
+    };
+    let answer = exchange(&path, request, timeout);
+    if answer["ok"] != json!(true) {
+        eprintln!(
+            "herder: {}",
+            answer["error"].as_str().unwrap_or("request refused")
+        );
+        return 1;
+    }
+    match ask {
+        Ask::Status { json: true } => println!("{:#}", answer["status"]),
+        Ask::Status { json: false } => print!("{}", table(&answer["status"])),
+        Ask::Reload { wait: true, .. } => println!(
+            "reload complete: generation {} is serving",
+            answer["generation"]
+        ),
+        Ask::Reload { wait: false, .. } => {
+            println!("reload started: generation {}", answer["generation"])
+        }
+        Ask::Scale { .. } => println!("pool size: {}", answer["workers"]),
+        Ask::Stop { force } => println!(
+            "{}",
+            if force {
+                "stopping at once"
+            } else {
+                "draining"
+            }
+        ),
+    }
+    0
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn uptime(v: &Value) -> String {
+    let Some(s) = v.as_f64() else {
+        return "-".into();
+    };
+    let s = s as u64;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+    }
+}
+
+/// A `pm2 list`-like table of the `/status` document.
+pub fn table(st: &Value) -> String {
+    let h = &st["herder"];
+    let mut out = format!(
+        "herder {} pid {}  state {}  generation {}  workers {}/{} ready  restarts {}\n",
+        text(&h["version"]),
+        text(&h["pid"]),
+        text(&h["state"]),
+        text(&h["generation"]),
+        text(&h["ready_workers"]),
+        text(&h["workers"]),
+        text(&h["restarts_total"]),
+    );
+    if let Some(r) = h["last_reload"].as_object() {
+        out += &format!(
+            "last reload: generation {} {}",
+            text(&r["generation"]),
+            text(&r["result"])
+        );
+        if let Some(why) = r.get("reason") {
+            out += &format!(": {}", text(why));
+        }
+        out.push('\n');
+    }
+    if !h["gave_up"].is_null() {
+        out += &format!("gave up: {}\n", text(&h["gave_up"]));
+    }
+    for s in st["sockets"].as_array().into_iter().flatten() {
+        out += &format!(
+            "socket: fd {} {} ({})\n",
+            text(&s["fd"]),
+            text(&s["address"]),
+            text(&s["name"])
+        );
+    }
+    out += &format!(
+        "{:<5} {:<8} {:<9} {:<8} {:<8} {}\n",
+        "SLOT", "PID", "STATE", "UPTIME", "RESTARTS", "LAST EXIT"
+    );
+    for s in st["slots"].as_array().into_iter().flatten() {
+        out += &format!(
+            "{:<5} {:<8} {:<9} {:<8} {:<8} {}\n",
+            text(&s["slot"]),
+            text(&s["pid"]),
+            text(&s["state"]),
+            uptime(&s["uptime_s"]),
+            text(&s["restarts"]),
+            text(&s["last_exit"]),
+        );
+    }
+    for w in st["other_workers"].as_array().into_iter().flatten() {
+        out += &format!(
+            "{:<5} {:<8} {:<9} {:<8} {:<8} {}\n",
+            text(&w["slot"]),
+            text(&w["pid"]),
+            text(&w["state"]),
+            uptime(&w["uptime_s"]),
+            "",
+            "(old generation)"
+        );
+    }
+    out
+}

@@ -1,0 +1,257 @@
+//! The control socket (`--control PATH`, or `$RUNTIME_DIRECTORY/herder.sock` under systemd):
+//! a unix stream socket, mode 0600, where `herder status|reload|scale|stop` talk to a running
+//! herder. Every connection's peer credentials are checked (SO_PEERCRED: root or herder's own
+//! uid).
+//!
+//! The protocol is one JSON object per line each way, versioned by `"v"`:
+//! `{"v":1,"cmd":"status"}`, `{"v":1,"cmd":"reload","wait":true}`, `{"v":1,"cmd":"scale","to":4}`
+//! (or `"by":-1`), `{"v":1,"cmd":"stop","force":false}`; the answer is `{"v":1,"ok":true,…}` or
+//! `{"v":1,"ok":false,"error":"…"}`. A bad request gets an error answer, never a crash; requests
+//! are bounded in size and time, and connections in number. As with `/status`, every answer
+//! comes from the event loop, over a channel.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use thiserror::Error;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tracing::{debug, warn};
+
+pub const PROTOCOL_VERSION: u64 = 1;
+pub const MAX_LINE: usize = 4096;
+const MAX_CONNECTIONS: usize = 16;
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Error)]
+pub enum ControlError {
+    #[error("--control {path}: {source}")]
+    Bind {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("--control {path}: exists and is not a socket; refusing to remove it")]
+    NotASocket { path: String },
+    #[error("--control {path}: another herder is listening there")]
+    InUse { path: String },
+}
+
+/// What a client asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    Status,
+    Reload { wait: bool },
+    Scale(Scale),
+    Stop { force: bool },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scale {
+    To(usize),
+    By(i64),
+}
+
+/// A request for the event loop, with where to put the answer (for `reload --wait`, later).
+pub struct Request {
+    pub command: Command,
+    pub reply: oneshot::Sender<Value>,
+}
+
+pub fn error(msg: impl std::fmt::Display) -> Value {
+    json!({"v": PROTOCOL_VERSION, "ok": false, "error": msg.to_string()})
+}
+
+pub fn ok(mut v: Value) -> Value {
+    v["v"] = json!(PROTOCOL_VERSION);
+    v["ok"] = json!(true);
+    v
+}
+
+/// Parses one request line.
+pub fn parse(line: &str) -> Result<Command, String> {
+    let v: Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
+    match v.get("v").and_then(Value::as_u64) {
+        Some(PROTOCOL_VERSION) => {}
+        Some(other) => {
+            return Err(format!(
+                "protocol version {other} is not supported (this herder speaks {PROTOCOL_VERSION})"
+            ))
+        }
+        None => return Err("missing \"v\" (protocol version)".into()),
+    }
+    let flag = |k: &str| v.get(k).and_then(Value::as_bool).unwrap_or(false);
+    match v.get("cmd").and_then(Value::as_str) {
+        Some("status") => Ok(Command::Status),
+        Some("reload") => Ok(Command::Reload { wait: flag("wait") }),
+        Some("stop") => Ok(Command::Stop {
+            force: flag("force"),
+        }),
+        Some("scale") => match (
+            v.get("to").and_then(Value::as_u64),
+            v.get("by").and_then(Value::as_i64),
+        ) {
+            (Some(0), _) => Err("scale: the pool needs at least 1 worker".into()),
+            (Some(n), None) if n <= 100_000 => Ok(Command::Scale(Scale::To(n as usize))),
+            (None, Some(d)) if d.abs() <= 100_000 => Ok(Command::Scale(Scale::By(d))),
+            _ => Err("scale: give \"to\": N (1..100000) or \"by\": ±N".into()),
+        },
+        Some(other) => Err(format!("unknown command '{other}'")),
+        None => Err("missing \"cmd\"".into()),
+    }
+}
+
+/// The default path: `$RUNTIME_DIRECTORY/herder.sock` (systemd's RuntimeDirectory=; the first
+/// one if several).
+pub fn default_path() -> Option<PathBuf> {
+    let dirs = std::env::var_os("RUNTIME_DIRECTORY")?;
+    let first = std::env::split_paths(&dirs).next()?;
+    Some(first.join("herder.sock"))
+}
+
+/// Binds the socket, mode 0600, replacing a stale one. Runs during setup (single-threaded),
+/// so the umask change cannot race another thread.
+pub fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener, ControlError> {
+    use std::os::unix::fs::FileTypeExt;
+    let shown = path.display().to_string();
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(ControlError::NotASocket { path: shown });
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(ControlError::InUse { path: shown });
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let bound = std::os::unix::net::UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    bound.map_err(|source| ControlError::Bind {
+        path: shown,
+        source,
+    })
+}
+
+/// Accepts control connections until the runtime ends.
+pub async fn serve(listener: UnixListener, tx: mpsc::Sender<Request>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let my_uid = nix::unistd::getuid().as_raw();
+    loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let conn = match listener.accept().await {
+            Ok((c, _)) => c,
+            Err(e) => {
+                debug!("control accept failed: {e}");
+                continue;
+            }
+        };
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle(conn, tx, my_uid).await {
+                debug!("control connection: {e}");
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn handle(conn: UnixStream, tx: mpsc::Sender<Request>, my_uid: u32) -> std::io::Result<()> {
+    let cred = conn.peer_cred()?;
+    let (read, mut write) = conn.into_split();
+    if cred.uid() != 0 && cred.uid() != my_uid {
+        warn!(
+            uid = cred.uid(),
+            pid = cred.pid(),
+            "control connection refused: not root or herder's uid"
+        );
+        let answer = error(format!(
+            "permission denied: uid {} is neither root nor herder's uid",
+            cred.uid()
+        ));
+        return send(&mut write, &answer).await;
+    }
+    let mut line = Vec::new();
+    let mut reader = BufReader::new(read).take(MAX_LINE as u64 + 1);
+    let read = tokio::time::timeout(READ_TIMEOUT, reader.read_until(b'\n', &mut line)).await;
+    let answer = match read {
+        Err(_) => error("timed out waiting for a request line"),
+        Ok(Err(e)) => return Err(e),
+        Ok(Ok(_)) if line.len() > MAX_LINE => {
+            error(format!("request longer than {MAX_LINE} bytes"))
+        }
+        Ok(Ok(0)) => return Ok(()), // connected and left
+        Ok(Ok(_)) => match std::str::from_utf8(&line)
+            .map_err(|_| "not UTF-8".to_string())
+            .and_then(|l| parse(l.trim()))
+        {
+            Err(e) => error(e),
+            Ok(command) => {
+                let (reply, rx) = oneshot::channel();
+                if tx.send(Request { command, reply }).await.is_err() {
+                    error("herder is exiting")
+                } else {
+                    rx.await.unwrap_or_else(|_| error("herder is exiting"))
+                }
+            }
+        },
+    };
+    send(&mut write, &answer).await
+}
+
+async fn send(w: &mut tokio::net::unix::OwnedWriteHalf, v: &Value) -> std::io::Result<()> {
+    let mut text = v.to_string();
+    text.push('\n');
+    w.write_all(text.as_bytes()).await?;
+    w.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_requests() {
+        assert_eq!(parse(r#"{"v":1,"cmd":"status"}"#), Ok(Command::Status));
+        assert_eq!(
+            parse(r#"{"v":1,"cmd":"reload","wait":true}"#),
+            Ok(Command::Reload { wait: true })
+        );
+        assert_eq!(
+            parse(r#"{"v":1,"cmd":"reload"}"#),
+            Ok(Command::Reload { wait: false })
+        );
+        assert_eq!(
+            parse(r#"{"v":1,"cmd":"scale","to":3}"#),
+            Ok(Command::Scale(Scale::To(3)))
+        );
+        assert_eq!(
+            parse(r#"{"v":1,"cmd":"scale","by":-1}"#),
+            Ok(Command::Scale(Scale::By(-1)))
+        );
+        assert_eq!(
+            parse(r#"{"v":1,"cmd":"stop","force":true}"#),
+            Ok(Command::Stop { force: true })
+        );
+    }
+
+    #[test]
+    fn refuses_bad_requests_with_a_reason() {
+        assert!(parse("garbage").unwrap_err().starts_with("not JSON"));
+        assert!(parse(r#"{"cmd":"status"}"#)
+            .unwrap_err()
+            .contains("protocol version"));
+        assert!(parse(r#"{"v":2,"cmd":"status"}"#)
+            .unwrap_err()
+            .contains("not supported"));
+        assert!(parse(r#"{"v":1,"cmd":"fly"}"#)
+            .unwrap_err()
+            .contains("unknown command"));
+        assert!(parse(r#"{"v":1,"cmd":"scale","to":0}"#).is_err());
+        assert!(parse(r#"{"v":1,"cmd":"scale"}"#).is_err());
+        assert!(parse(r#"{"v":1,"cmd":"scale","to":-3}"#).is_err());
+    }
+}
