@@ -4,7 +4,7 @@
 //!
 //! It needs root, `unshare`, `podman` and `runc` (`tests/container/install-deps.sh`). Without
 //! them it prints `skipping: <why>` and passes — unless `CI=true`, where a skip is a failure.
-//! `HERDER_E2E_PARTS="ns"` (or `"podman"`) runs one part only.
+//! `HERDER_E2E_PARTS="ns"` (or `"manifest"`, `"podman"`, `"source"`: see e2e.sh) picks parts.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -36,9 +36,10 @@ fn container_e2e() {
     if unsafe { libc::geteuid() } != 0 {
         return skip("not root (needs unshare --pid and podman)");
     }
-    let parts = std::env::var("HERDER_E2E_PARTS").unwrap_or_else(|_| "ns podman".into());
+    // Empty: the script's default parts (manifest, ns, podman).
+    let parts = std::env::var("HERDER_E2E_PARTS").unwrap_or_default();
     let mut tools = vec!["unshare", "curl", "python3"];
-    if parts.contains("podman") {
+    if parts.is_empty() || parts.contains("podman") {
         tools.extend(["podman", "runc"]);
     }
     if let Some(t) = tools.iter().find(|t| !found(t)) {
