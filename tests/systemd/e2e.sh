@@ -22,6 +22,8 @@
 #        CI=true                      a machine that cannot run the suite is a failure, not a skip
 # Prints "N passed, N failed"; exit 0 when all passed, 1 on failure, 77 when skipped.
 # Every wait polls for evidence with a deadline; nothing waits on a bare sleep.
+# Mind pipefail: never `cmd | grep -q` (grep exits early, cmd dies of SIGPIPE, the pipeline fails);
+# capture the output, then grep it.
 set -uo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -34,7 +36,6 @@ RUN=/run/herder-e2e          # inside the container: client files and the crash-
 CLIENT=(python3 /opt/e2e/client.py)
 pass=0 fail=0 t_begin=$EPOCHREALTIME
 started=() bg=()
-tmp=$(mktemp -d /tmp/herder-e2e.XXXXXX)
 
 # ------------------------------------------------------------------------------------------ reporting
 ok()  { pass=$((pass + 1)); printf '  PASS  %s\n' "$*"; }
@@ -71,6 +72,7 @@ for b in "$HERDER_BIN" "$HERDER_DEMO_BIN"; do
     [ -x "$b" ] || { echo "e2e: no binary at $b (cargo build first)"; echo "0 passed, 1 failed"; exit 1; }
 done
 
+tmp=$(mktemp -d /tmp/herder-systemd-e2e.XXXXXX)
 cleanup() {
     local n p
     for n in "${started[@]}"; do SD_NAME=$n "$NSPAWN" stop || true; done
@@ -125,6 +127,7 @@ prop() { ct systemctl show app.service -p "$1" --value; }
 workers() { ct pgrep -P "$(prop MainPID)" -x herder-demo | sort -n | tr '\n' ' '; }
 bg_ct() { ct "$@" & bg+=($!); }       # a client inside the container, in the background
 get_ok() { ct "${CLIENT[@]}" get "$1" >/dev/null; }
+journal_has() { grep -q "$1" <<<"$(ct journalctl -u app.service --no-pager)"; }
 
 boot() {
     CT=herder-e2e-$$-${1:0:4}
@@ -237,7 +240,7 @@ suite_bookworm() {
     wait_for 15 ct test -s $RUN/first.out
     check "the first connection is answered ($(ct cat $RUN/first.out))" ct grep -q '^pid=[0-9]* slot=[01]$' $RUN/first.out
     check "MainPID is herder" test "$(ct cat /proc/"$(prop MainPID)"/comm)" = herder
-    status_line() { ct systemctl status app.service --no-pager | grep -q 'Status: "2/2 workers ready'; }
+    status_line() { grep -q 'Status: "2/2 workers ready' <<<"$(ct systemctl status app.service --no-pager)"; }
     check "systemctl status shows herder's STATUS line" status_line
     ct systemctl status app.service --no-pager | sed -n '1,/CGroup/p' | sed 's/^/        /'
     local spread w
@@ -274,7 +277,6 @@ suite_bookworm() {
     }
     wait_for 30 restarted
     check "systemd kills the SIGSTOPped herder and Restart= starts a new one ($(elapsed "$t")s)" restarted
-    journal_has() { ct journalctl -u app.service --no-pager | grep -q "$1"; }
     check "the journal says why: watchdog timeout" journal_has "Watchdog timeout"
     check "the frozen herder's workers are gone ($old)" ct sh -c 'for p; do [ ! -d /proc/$p ] || exit 1; done' sh $old
     check "the new pool serves" get_ok /
@@ -297,8 +299,9 @@ suite_bookworm() {
     check "no process of the unit is left (no herder, no herder-demo)" \
         ct sh -c '! pgrep -x herder && ! pgrep -x herder-demo && ! test -s /sys/fs/cgroup/system.slice/app.service/cgroup.procs'
     structured() {
-        ct journalctl -u app.service -o json --no-pager | grep '"_TRANSPORT":"journal"' | grep '"_COMM":"herder"' |
-            grep -q '"CODE_FILE"'
+        local j
+        j=$(ct journalctl -u app.service -o json --no-pager)
+        [ "$(grep '"_TRANSPORT":"journal"' <<<"$j" | grep '"_COMM":"herder"' | grep -c '"CODE_FILE"')" -gt 0 ]
     }
     check "journalctl -u app has herder's structured entries (native journal protocol, with fields)" structured
     note "herder's last journal lines:"
@@ -317,8 +320,7 @@ suite_bookworm() {
     # systemd 252 keeps Result=exit-code and logs the refused restart; app.socket gets the
     # service-start-limit-hit result and stops triggering.
     limit_hit() {
-        [ "$(prop ActiveState)" = failed ] &&
-            ct journalctl -u app.service --no-pager | grep -q "Start request repeated too quickly"
+        [ "$(prop ActiveState)" = failed ] && journal_has "Start request repeated too quickly"
     }
     wait_for 60 limit_hit
     check "the 4th start within a minute is refused: unit failed, start limit hit ($(elapsed "$t")s)" limit_hit
