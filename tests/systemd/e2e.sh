@@ -243,6 +243,9 @@ suite_bookworm() {
     status_line() { grep -q 'Status: "2/2 workers ready' <<<"$(ct systemctl status app.service --no-pager)"; }
     check "systemctl status shows herder's STATUS line" status_line
     ct systemctl status app.service --no-pager | sed -n '1,/CGroup/p' | sed 's/^/        /'
+    # RuntimeDirectory=app gives herder's control socket a home, even under DynamicUser=
+    check "herder status answers on the control socket in RuntimeDirectory= (/run/app/herder.sock)" \
+        ct herder status --control /run/app/herder.sock
     local spread w
     spread=$(ct "${CLIENT[@]}" spread 2) w=$(workers)
     check "requests reach several workers (answered by: $spread; workers: $w)" \
