@@ -171,9 +171,11 @@ pub struct WorkerSocket {
 }
 
 impl WorkerSocket {
-    pub fn bind(herder_pid: u32, id: WorkerId) -> Result<WorkerSocket, NotifyError> {
+    /// Binds `@herder/<prefix>/<id>`; `prefix` must be unique among herders that share the
+    /// network namespace (see [`socket_prefix`]).
+    pub fn bind(prefix: &str, id: WorkerId) -> Result<WorkerSocket, NotifyError> {
         let err = |source| NotifyError::Socket { id, source };
-        let name = format!("herder/{herder_pid}/{id}");
+        let name = format!("herder/{prefix}/{id}");
         let addr = SocketAddr::from_abstract_name(name.as_bytes()).map_err(err)?;
         let sock = UnixDatagram::bind_addr(&addr).map_err(err)?;
         sock.set_nonblocking(true).map_err(err)?;
@@ -184,6 +186,18 @@ impl WorkerSocket {
             address: format!("@{name}"),
         })
     }
+}
+
+/// A prefix for this herder's worker sockets. Abstract names are shared by the whole network
+/// namespace, and the pid alone is not unique there: every herder that is PID 1 of its own pid
+/// namespace is pid 1 (two containers of one pod). So: the pid, for people reading
+/// /proc/net/unix, and 64 random bits from the OS (std's per-process hasher seed).
+pub fn socket_prefix() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    format!("{}-{random:016x}", std::process::id())
 }
 
 /// Whether a datagram's sender may speak for the worker `worker_pid`: the worker itself, a

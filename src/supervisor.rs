@@ -37,7 +37,8 @@ pub struct Supervisor {
     readers: HashMap<WorkerId, JoinHandle<()>>,
     tx: mpsc::Sender<Incoming>,
     rx: mpsc::Receiver<Incoming>,
-    herder_pid: u32,
+    /// Unique prefix of the workers' abstract NOTIFY_SOCKET names.
+    socket_prefix: String,
     /// `--health`: the socket, until the loop starts serving it.
     pub health: Option<std::net::TcpListener>,
     queries_tx: mpsc::Sender<Query>,
@@ -79,7 +80,7 @@ impl Supervisor {
             readers: HashMap::new(),
             tx,
             rx,
-            herder_pid: std::process::id(),
+            socket_prefix: notify::socket_prefix(),
         }
     }
 
@@ -191,7 +192,7 @@ impl Supervisor {
             Ok(f) => f,
             Err(e) => return failed(126, e.to_string()),
         };
-        let sock = match WorkerSocket::bind(self.herder_pid, id) {
+        let sock = match WorkerSocket::bind(&self.socket_prefix, id) {
             Ok(s) => s,
             Err(e) => return failed(126, e.to_string()),
         };
