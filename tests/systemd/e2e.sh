@@ -381,13 +381,18 @@ suite_trixie() {
 }
 
 for s in $E2E_SUITES; do
-    t0=$EPOCHREALTIME
+    t0=$EPOCHREALTIME failed_before=$fail
     case $s in
         bookworm) suite_bookworm ;;
         trixie) suite_trixie ;;
         *) bad "unknown suite $s" ;;
     esac
     note "$s: $(elapsed "$t0")s"
+    if [ "$fail" != "$failed_before" ] && [ -n "$CT" ]; then
+        echo "-- $s failed: the unit's journal (last 40 lines) and the container console (last 15)"
+        ct journalctl -u app.service -u app.socket --no-pager -n 40 | sed 's/^/   /'
+        "$NSPAWN" logs | tail -15 | sed 's/^/   /'
+    fi
     [ -n "$CT" ] && "$NSPAWN" stop 2>/dev/null
 done
 

@@ -15,7 +15,8 @@
 #                                         (extra args go to systemd-nspawn, e.g. --bind-ro=HOST:CONT)
 #   nspawn.sh exec CMD [ARG]...           run CMD inside; exit status is CMD's; stdio passes through
 #   nspawn.sh copy HOST-FILE CONT-PATH    copy one file in (mode kept)
-#   nspawn.sh status | logs | stop        is it up? / console output / orderly halt, SIGKILL on timeout
+#   nspawn.sh status | logs | stop        is it up? / console output (while it runs) / orderly halt,
+#                                         SIGKILL on timeout
 #
 # Environment (all optional):
 #   SD_SUITE=bookworm         Debian suite (bookworm: systemd 252; trixie: systemd 257)
@@ -226,6 +227,7 @@ cmd_stop() {
         for ((i = 0; i < 50; i++)); do kill -0 "$np" 2>/dev/null || break; sleep 0.1; done
     fi
     cleanup
+    rm -rf "$STATE"                 # the console log goes too: dump it (logs) before stopping if needed
     log "stopped"
 }
 
