@@ -492,3 +492,82 @@ fn messages_from_outside_the_worker_tree_are_dropped_and_logged_once() {
     assert_eq!(h.count(&["pool ready"]), 0);
     assert_eq!(h.count(&["outside the worker's tree"]), 1, "logged once");
 }
+
+#[test]
+fn a_storm_of_sighups_collapses_into_one_reload() {
+    if !has_systemd_notify() {
+        eprintln!("skipping: systemd-notify is not installed");
+        return;
+    }
+    let dir = TempDir::new("storm");
+    let args = ["-w", "2", "--ready", "notify", "--reload-surge", "2"];
+    // Workers take a moment to get ready, so HUPs land while replacements are starting.
+    let (mut h, mut ns) = with_notify(
+        &dir,
+        &args,
+        &[
+            "sh",
+            "-c",
+            "sleep 0.2; systemd-notify --ready; exec sleep 600",
+        ],
+    );
+    ns.wait_for("READY=1", LONG);
+    h.wait_line(&["pool ready"], LONG);
+    let first = live_workers(&mut h);
+    for _ in 0..50 {
+        h.signal(libc::SIGHUP);
+    }
+    ns.wait_for("RELOADING=1", LONG);
+    let r = ns.wait_for("READY=1", LONG);
+    assert!(r.contains("STATUS=2/2 workers ready"), "{r}");
+    h.wait_line(&["reload complete"], LONG);
+    // One RELOADING=1 for the whole storm, and the pool ends on one new generation.
+    let reloading = ns
+        .received
+        .iter()
+        .filter(|d| d.lines().any(|l| l == "RELOADING=1"))
+        .count();
+    assert_eq!(reloading, 1, "{:#?}", ns.received);
+    eventually("the first generation to drain", LONG, || {
+        first.iter().all(|&p| !alive(p))
+    });
+    let live = live_workers(&mut h);
+    assert_eq!(live.len(), 2, "{live:?}");
+    // Coalesced: far fewer spawns than signals (each HUP that lands mid-reload replaces only the
+    // not-yet-ready workers).
+    let spawned = h.count(&["worker spawned"]);
+    assert!(spawned < 2 + 2 * 50, "{spawned} spawns for 50 HUPs");
+}
+
+#[test]
+fn stop_extends_the_timeout_and_give_up_says_why() {
+    let dir = TempDir::new("giveup");
+    let (mut h, mut ns) = with_notify(
+        &dir,
+        &["-w", "1", "--restart-limit", "1", "--drain-timeout", "7s"],
+        &["sh", "-c", "exit 4"],
+    );
+    let status = ns.wait("a give-up STATUS=", LONG, |d| d.contains("STATUS=gave up:"));
+    assert!(
+        status.contains("more than 1 restarts within 60s; last: slot 0 exit status 4"),
+        "{status}"
+    );
+    assert_eq!(h.wait_exit(LONG).code(), Some(1));
+
+    let dir = TempDir::new("extend");
+    let (mut h, mut ns) = with_notify(
+        &dir,
+        &["-w", "1", "--drain-timeout", "7s"],
+        &["sh", "-c", "exec sleep 600"],
+    );
+    ns.wait_for("READY=1", LONG);
+    h.signal(libc::SIGTERM);
+    let stopping = ns.wait_for("STOPPING=1", LONG);
+    assert!(
+        stopping
+            .lines()
+            .any(|l| l == "EXTEND_TIMEOUT_USEC=12000000"),
+        "drain + 5 s: {stopping}"
+    );
+    assert_eq!(h.wait_exit(LONG).code(), Some(0));
+}
