@@ -15,6 +15,7 @@ request is failed, in exactly one class:
   timeout  no connection or no complete response within --timeout
   non2xx   a complete response with a status outside 200-299
   other    any other error (the message is kept in "examples")
+Latency (p50, p99, max) is over the ok requests, connect included.
 With --keepalive a connection is reused until it fails; in keep-alive mode a request sent on an
 idle connection the server closed concurrently is a failure too (HTTP clients would retry it).
 """
@@ -73,6 +74,7 @@ async def main(args):
     examples = []
     bodies = Counter()
     fail_times = []
+    lat = []
     t0 = time.monotonic()
     deadline = t0 + args.duration
 
@@ -87,6 +89,7 @@ async def main(args):
         nonlocal ok
         reader = writer = None
         while not stop.is_set() and time.monotonic() < deadline:
+            t_req = time.monotonic()
             try:
                 if writer is None:
                     reader, writer = await asyncio.wait_for(
@@ -96,6 +99,7 @@ async def main(args):
                     read_response(reader, args.keepalive), args.timeout)
                 if 200 <= status < 300:
                     ok += 1
+                    lat.append(time.monotonic() - t_req)
                     bodies[body.decode(errors="replace").strip()] += 1
                 else:
                     fail("non2xx", None)
@@ -120,9 +124,14 @@ async def main(args):
     tasks = [asyncio.ensure_future(one_conn()) for _ in range(args.conns)]
     await asyncio.gather(stopper(), *tasks)
     elapsed = time.monotonic() - t0
+    lat.sort()
+
+    def q(p):
+        return round(lat[min(len(lat) - 1, int(p * len(lat)))] * 1000, 2) if lat else None
     print(json.dumps({
         "ok": ok, "failed": sum(fails.values()), "fails": dict(fails),
-        "elapsed": round(elapsed, 3), "rps": round(ok / elapsed, 1) if elapsed else 0,
+        "elapsed": round(elapsed, 3), "p50_ms": q(0.5), "p99_ms": q(0.99),
+        "max_ms": round(lat[-1] * 1000, 2) if lat else None, "rps": round(ok / elapsed, 1) if elapsed else 0,
         "bodies": dict(bodies), "fail_times": fail_times, "examples": examples,
     }))
 

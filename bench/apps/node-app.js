@@ -23,7 +23,16 @@ if (inherited) {
 } else {
   server.listen(Number(process.env.PORT || 8080), process.env.HOST || '127.0.0.1');
 }
-server.on('listening', () => { if (process.send) process.send('ready'); });
+// Readiness: Node has no AF_UNIX datagram sockets, so under a NOTIFY_SOCKET (herder --ready
+// notify) it asks systemd-notify(1) to send READY=1 on its behalf, with this pid as the sender
+// (--pid: SCM_CREDENTIALS naming another pid need CAP_SYS_ADMIN, i.e. root, see unix(7)).
+server.on('listening', () => {
+  if (process.send) process.send('ready');
+  if (process.env.NOTIFY_SOCKET) {
+    require('child_process').execFile('systemd-notify', ['--ready', `--pid=${process.pid}`],
+      (err) => { if (err) console.error(`node-app: systemd-notify failed: ${err.message}`); });
+  }
+});
 
 let draining = false;
 function drain() {

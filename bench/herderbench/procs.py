@@ -87,6 +87,32 @@ def cpu_ticks(pid):
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+def held_connections(pid, port):
+    """Established TCP connections to local `port` held by pid (freeze it with SIGSTOP first):
+    the requests a worker had accepted, that its death loses. Socket inodes from /proc/<pid>/fd,
+    matched against `ss -tnHe state established sport = :PORT` (netlink sock_diag, filtered in
+    the kernel: fast even with 100k TIME_WAIT entries, unlike reading /proc/net/tcp)."""
+    inodes = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+        out = subprocess.run(["ss", "-tnHe", "state", "established", f"( sport = :{port} )"],
+                             capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    n = 0
+    for line in out.splitlines():
+        for field in line.split():
+            if field.startswith("ino:") and field[4:] in inodes:
+                n += 1
+    return n
+
+
 def kill(pid, sig):
     try:
         os.kill(pid, sig)

@@ -46,6 +46,15 @@ def missing_lines(sec):
     return "\n".join(f"- **missing: {v['label']}** — {v['reason']}" for v in m.values()) + "\n"
 
 
+def _rq(sec, a, b, mode):
+    """The ratio with the interquartile range of the per-round ratios."""
+    x = _ratio_of(sec, a, b, mode)
+    sp = (sec.get("spread", {}).get(a, {}).get(b, {}) or {}).get(mode)
+    if x is None or not sp or len(sec["table"][a][mode]["rounds"]) < 4:
+        return ratio(x)
+    return f"{ratio(x)} ({sp[0]:.2f}–{sp[1]:.2f})"
+
+
 def _ratio_of(sec, a, b, mode):
     return (sec.get("ratios", {}).get(a, {}).get(b, {}) or {}).get(mode)
 
@@ -84,6 +93,10 @@ def headline(r):
             refused = (row.get("fails") or {}).get("refused", 0)
             rows.append([f"connections refused over {row['done']} worker kills ({label})", "0",
                          num(refused), "yes" if refused == 0 and row["done"] else "no"])
+            if row.get("held") is not None:
+                rows.append([f"requests lost over {row['done']} kills ({label}) vs connections "
+                             "the killed workers held", f"≤ {row['held']}", num(row["failed"]),
+                             "yes" if row["failed"] <= row["held"] else "no"])
     w = s.get("weight", {}).get("table", {}).get("herder_64")
     if w:
         rows.append(["herder RSS, 64 workers, idle", "≤ 2.5 MiB", mib(w["rss_kib"]),
@@ -102,7 +115,11 @@ def headline(r):
 def throughput_section(sec, refs, intro):
     if "crashed" in sec:
         return f"**section crashed:** {sec['crashed']}\n"
-    out = intro.format(**sec) + "\n"
+    out = intro.format(**sec)
+    if sec.get("loadavg"):
+        out += (f"Load average (1 min) after each round: "
+                f"{', '.join(f'{x:.1f}' for x in sec['loadavg'])}.\n")
+    out += "\n"
     rows = []
     for k, v in sec["table"].items():
         rows.append([v["label"], num(v["keepalive"]["rps"]), ms(v["keepalive"]["p99_ms"]),
@@ -112,7 +129,8 @@ def throughput_section(sec, refs, intro):
                  rows)
     refs = [x for x in refs if x in sec["table"]]
     if refs:
-        out += "\nRatios of medians of per-round ratios (A and B measured back to back):\n\n"
+        out += ("\nRatios: the median of the per-round ratios (A and B measured back to back), "
+                "with their interquartile range in parentheses:\n\n")
         head = ["system"]
         for ref in refs:
             lab = sec["table"][ref]["label"]
@@ -123,8 +141,8 @@ def throughput_section(sec, refs, intro):
                 continue
             row = [v["label"]]
             for ref in refs:
-                row += [ratio(_ratio_of(sec, k, ref, "keepalive")) if k != ref else "1×",
-                        ratio(_ratio_of(sec, k, ref, "close")) if k != ref else "1×"]
+                row += [_rq(sec, k, ref, "keepalive") if k != ref else "1×",
+                        _rq(sec, k, ref, "close") if k != ref else "1×"]
             rows.append(row)
         out += table(head, rows)
     return out + missing_lines(sec)
@@ -138,9 +156,12 @@ def events_section(sec, what, intro):
     for k, v in sec["table"].items():
         fails = ", ".join(f"{n} {c}" for c, n in sorted((v.get("fails") or {}).items())) or "–"
         row = [v["label"], v["done"], num(v.get("ok")), num(v.get("failed")), fails,
-               num(v.get("per_event"), 2), secs(v.get("duration_median_s"))]
+               num(v.get("per_event"), 2), secs(v.get("duration_median_s")),
+               f"{ms(v.get('p99_ms'))} / {ms(v.get('max_ms'))}"]
         if what == "reload":
             row.append(f"{mib(v.get('rss_before_kib'))} → {mib(v.get('rss_after_kib'))}")
+        else:
+            row.append(num(v.get("held")))
         note = v.get("error") or ""
         if v.get("not_replaced"):
             note += f"old workers still running 30 s after {v['not_replaced']} reloads"
@@ -148,9 +169,11 @@ def events_section(sec, what, intro):
         rows.append(row)
     head = ["system", what + "s", "ok", "failed", "failed by kind", f"failed per {what}",
             "median reload time (to the last old worker gone)" if what == "reload" else
-            "median time until the pool is whole"]
+            "median time until the pool is whole", "ok requests: p99 / max latency"]
     if what == "reload":
         head.append("manager RSS before → after")
+    else:
+        head.append("connections the victims held when killed")
     head.append("note")
     out += table(head, rows)
     return out + missing_lines(sec)

@@ -2,13 +2,14 @@
 that cannot be started, or lacks a feature, is recorded under "missing" with the reason."""
 import os
 import random
+import shutil
 import signal
 import statistics
 import time
 
 from . import load
-from .procs import (CLK_TCK, DgramListener, Proc, Unavailable, children, cpu_ticks, kill, now,
-                    rss_kib, wait_until)
+from .procs import (CLK_TCK, DgramListener, Unavailable, cpu_ticks, held_connections, kill,
+                    now, rss_kib, wait_until)
 from .systems import (BareFd, BareReuseport, Gunicorn, Herder, NodeCluster, Pm2, Tini)
 
 MODES = ("keepalive", "close")
@@ -52,6 +53,7 @@ def _throughput(ctx, name, makers, refs):
     c = ctx.cfg
     started, missing = _start_all(ctx, makers)
     runs = {k: {m: [] for m in MODES} for k in started}
+    loads = []
     try:
         for s in started.values() if c["warmup"] else ():  # warm-up, not recorded
             try:
@@ -71,7 +73,8 @@ def _throughput(ctx, name, makers, refs):
                                                       mode == "keepalive"))
                     except Unavailable as e:
                         missing[k] = {"label": started[k].label, "reason": str(e)}
-            ctx.log(f"  {name} round {r + 1}/{c['rounds']}")
+            loads.append(float(open("/proc/loadavg").read().split()[0]))
+            ctx.log(f"  {name} round {r + 1}/{c['rounds']} (load average {loads[-1]})")
     finally:
         for s in started.values():
             s.stop()
@@ -88,7 +91,7 @@ def _throughput(ctx, name, makers, refs):
                 "errors": sum(x["errors"] + x["non2xx"] for x in rs),
                 "rounds": [x["rps"] for x in rs],
             }
-    ratios = {}
+    ratios, spread = {}, {}
     for k in table:
         for ref in refs:
             if ref in table and ref != k:
@@ -97,7 +100,12 @@ def _throughput(ctx, name, makers, refs):
                     a, b = table[k][mode]["rounds"], table[ref][mode]["rounds"]
                     rr = [x / y for x, y in zip(a, b) if x and y]
                     ratios.setdefault(k, {}).setdefault(ref, {})[mode] = median(rr)
-    return {"table": table, "ratios": ratios, "missing": missing,
+                    if rr:
+                        q = sorted(rr)
+                        spread.setdefault(k, {}).setdefault(ref, {})[mode] = (
+                            q[len(q) // 4], q[(3 * len(q)) // 4])
+    return {"table": table, "ratios": ratios, "spread": spread, "loadavg": loads,
+            "missing": missing,
             "n": c["n"], "rounds": c["rounds"], "dur": c["dur"], "conns": c["conns"]}
 
 
@@ -115,11 +123,17 @@ def _node_app(ctx):
     return [ctx.node or "node", os.path.join(ctx.apps, "node-app.js")]
 
 
+def _node_ready(ctx):
+    """node-app.js reports READY=1 through systemd-notify(1) when that exists."""
+    return "notify" if shutil.which("systemd-notify") else "exec"
+
+
 def s2_peers(ctx):
     n, app = ctx.cfg["n"], _node_app(ctx)
     return _throughput(ctx, "node peers", [
-        ("herder", lambda: Herder(ctx, n, app, label="herder (node app)")),
-        ("herder_reuseport", lambda: Herder(ctx, n, app, reuseport=True,
+        ("herder", lambda: Herder(ctx, n, app, ready=_node_ready(ctx),
+                                  label="herder (node app)")),
+        ("herder_reuseport", lambda: Herder(ctx, n, app, reuseport=True, ready=_node_ready(ctx),
                                             label="herder --reuseport (node app)")),
         ("bare_fd", lambda: BareFd(ctx, n, app, "bare: N × node app on one fd")),
         ("cluster_rr", lambda: NodeCluster(ctx, n, "rr")),
@@ -128,16 +142,21 @@ def s2_peers(ctx):
     ], refs=["cluster_rr", "cluster_none", "pm2", "bare_fd"])
 
 
-def _event_makers(ctx, restart_flags):
+def _event_makers(ctx, restart_flags, exec_variant=False):
     n, demo, app = ctx.cfg["n"], [ctx.demo], _node_app(ctx)
+    nr = _node_ready(ctx)
+    extra = [("herder_node_exec", lambda: Herder(
+        ctx, n, app, ready="exec", extra=restart_flags,
+        label="herder (node app, --ready exec)"))] if exec_variant and nr != "exec" else []
     return [
         ("herder_demo", lambda: Herder(ctx, n, demo, ready="notify", extra=restart_flags,
                                        label="herder (herder-demo, --ready notify)")),
         ("herder_reuseport_demo", lambda: Herder(ctx, n, demo, reuseport=True, ready="notify",
                                                  extra=restart_flags,
                                                  label="herder --reuseport (herder-demo)")),
-        ("herder_node", lambda: Herder(ctx, n, app, extra=restart_flags,
-                                       label="herder (node app)")),
+        ("herder_node", lambda: Herder(ctx, n, app, ready=nr, extra=restart_flags,
+                                       label=f"herder (node app, --ready {nr})")),
+        *extra,
         ("cluster_rr", lambda: NodeCluster(ctx, n, "rr")),
         ("cluster_none", lambda: NodeCluster(ctx, n, "none")),
         ("pm2", lambda: Pm2(ctx, n)),
@@ -180,7 +199,8 @@ def _under_load(ctx, makers, events, act):
             if client:
                 res = client.stop()
                 row.update(ok=res["ok"], failed=res["failed"], fails=res["fails"],
-                           examples=res["examples"])
+                           examples=res["examples"], p99_ms=res.get("p99_ms"),
+                           max_ms=res.get("max_ms"), rps=res.get("rps"))
             row["rss_after_kib"] = rss_kib(s.manager_pid()) if s.manager_pid() else None
             s.stop()
         row["per_event"] = row["failed"] / row["done"] if row.get("done") else None
@@ -201,7 +221,7 @@ def s3_reload(ctx):
         # replacement is ready); this also proves the reload replaced them.
         if before and not wait_until(lambda: not (set(s.workers()) & before), 30, 0.02):
             row["not_replaced"] = row.get("not_replaced", 0) + 1
-    return _under_load(ctx, _event_makers(ctx, []), ctx.cfg["reloads"], act)
+    return _under_load(ctx, _event_makers(ctx, [], exec_variant=True), ctx.cfg["reloads"], act)
 
 
 def s4_crash(ctx):
@@ -214,7 +234,13 @@ def s4_crash(ctx):
         if not w:
             raise Unavailable("no worker to kill")
         victim = rng.choice(w)
+        # Freeze the victim so that the connections it holds can be counted exactly, then
+        # kill it: those are the requests a crash at that instant loses.
+        kill(victim, signal.SIGSTOP)
+        held = held_connections(victim, s.port)
         kill(victim, signal.SIGKILL)
+        if held is not None:
+            row["held"] = row.get("held", 0) + held
         s.wait_workers(s.n, exclude=[victim], timeout=30)
     return _under_load(ctx, _event_makers(ctx, flags), ctx.cfg["kills"], act)
 
