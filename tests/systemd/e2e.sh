@@ -211,7 +211,7 @@ under_load() {
 
 # ------------------------------------------------------------------------------------------ bookworm
 suite_bookworm() {
-    echo "== bookworm: Type=notify, ExecReload=kill -HUP"
+    echo "== bookworm: Type=notify, ExecReload=herder reload --wait"
     boot bookworm || return
     install_units
     ct systemctl daemon-reload
@@ -257,7 +257,10 @@ suite_bookworm() {
     main=$(prop MainPID) old=$(workers)
     reload_252() {
         check "systemctl reload app returns 0" ct systemctl reload app.service
-        # systemd 252 returns before herder is done: wait on herder's READY and the new pool instead.
+        # ExecReload=herder reload --wait: on 252 too, systemctl returns once the new generation
+        # serves. The old workers may still be finishing their drain; the new ones are ready.
+        reload_recorded() { ct herder status --control /run/app/herder.sock | grep -q 'last reload: generation [0-9]* succeeded'; }
+        check "herder reports the reload done when systemctl returns" reload_recorded
         wait_for 30 rolled "$old"
         check "every worker replaced and herder READY again (old: $old; new: $(workers))" rolled "$old"
     }
