@@ -29,10 +29,11 @@ pub fn init() {
     let filter = EnvFilter::try_from_env("HERDER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     if stderr_is_journal() {
         if let Ok(journald) = tracing_journald::layer() {
-            Registry::default()
-                .with(filter)
-                .with(journald.with_syslog_identifier("herder".into()))
-                .init();
+            // Event fields become journal fields HERDER_SLOT=, HERDER_PID=, …
+            let journald = journald
+                .with_syslog_identifier("herder".into())
+                .with_field_prefix(Some("HERDER".into()));
+            Registry::default().with(filter).with(journald).init();
             return;
         }
     }

@@ -307,9 +307,10 @@ suite_bookworm() {
     structured() {
         local j
         j=$(ct journalctl -u app.service -o json --no-pager)
-        [ "$(grep '"_TRANSPORT":"journal"' <<<"$j" | grep '"_COMM":"herder"' | grep -c '"CODE_FILE"')" -gt 0 ]
+        [ "$(grep '"_TRANSPORT":"journal"' <<<"$j" | grep '"_COMM":"herder"' | grep -c '"CODE_FILE"')" -gt 0 ] &&
+            [ "$(grep '"_COMM":"herder"' <<<"$j" | grep -c '"HERDER_SLOT"')" -gt 0 ]
     }
-    check "journalctl -u app has herder's structured entries (native journal protocol, with fields)" structured
+    check "journalctl -u app has herder's structured entries (native journal protocol, HERDER_SLOT= and HERDER_PID= fields)" structured
     note "herder's last journal lines:"
     ct journalctl -u app.service --no-pager -o cat -n 200 _COMM=herder | tail -6 | sed 's/^/          /'
     ct journalctl -u app.service --no-pager -o verbose -n 1 _COMM=herder | sed -n '2,$p' | grep -E '^ +[A-Z_]+=' |
