@@ -1,4 +1,4 @@
-//! The command line: clap definitions and their translation into a validated [`Config`].
+//! The command line: clap definitions and their translation into a validated [`PoolConfig`].
 //!
 //! This module owns the contract of `PRODUCT.md` (flag names, defaults, exit codes in `--help`).
 //! It must never touch the process: no sockets, no signals, no environment changes.
@@ -101,10 +101,15 @@ pub enum Generate {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Bind a socket herder owns: HOST:PORT or [V6]:PORT (TCP), udp:HOST:PORT, unix:/path,
-    /// unix:@abstract. NAME goes into LISTEN_FDNAMES. Repeatable. Sockets inherited through
-    /// LISTEN_FDS come first.
-    #[arg(short, long, value_name = "[NAME=]ADDR")]
+    // (An explicit help text: rustdoc would read "[V6]" in a doc comment as a link.)
+    #[arg(
+        short,
+        long,
+        value_name = "[NAME=]ADDR",
+        help = "Bind a socket herder owns: HOST:PORT or [V6]:PORT (TCP), udp:HOST:PORT, unix:/path, \
+                unix:@abstract. NAME goes into LISTEN_FDNAMES. Repeatable. Sockets inherited through \
+                LISTEN_FDS come first."
+    )]
     pub listen: Vec<ListenSpec>,
 
     /// Pool size [default: the number of CPUs available to herder]
