@@ -51,6 +51,20 @@ pub struct Manager {
     sock: UnixDatagram,
     addr: SocketAddr,
     warned: bool,
+    /// Our pid, to send as MAINPID= with the first READY=1, when the manager may not know that
+    /// herder is its service's main process.
+    mainpid: Option<u32>,
+}
+
+/// Whether our parent is the service manager (systemd as PID 1, or a `systemd --user`), so
+/// that systemd already tracks herder as the main process and MAINPID= would say nothing new.
+/// Otherwise (a wrapper script that did not `exec`) herder says MAINPID= itself; with
+/// NotifyAccess=all that makes systemd track the right process (sd_notify(3)).
+fn started_by_the_manager() -> bool {
+    let ppid = nix::unistd::getppid().as_raw();
+    ppid == 1
+        || std::fs::read_to_string(format!("/proc/{ppid}/comm"))
+            .is_ok_and(|c| c.trim() == "systemd")
 }
 
 /// Parses a NOTIFY_SOCKET value: `/path` or `@abstract`.
@@ -74,12 +88,18 @@ impl Manager {
             sock,
             addr,
             warned: false,
+            mainpid: (!started_by_the_manager()).then(std::process::id),
         })
     }
 
     /// Sends one datagram. Failures are logged once and otherwise ignored: systemd may be gone.
     pub fn send(&mut self, msgs: &[ManagerMsg]) {
-        let text = format_manager(msgs);
+        let mut text = format_manager(msgs);
+        if msgs.contains(&ManagerMsg::Ready) {
+            if let Some(pid) = self.mainpid.take() {
+                text.push_str(&format!("{}\n", NotifyState::MainPid(pid)));
+            }
+        }
         debug!(message = %text.trim_end().replace('\n', " "), "notifying the service manager");
         if let Err(e) = self.sock.send_to_addr(text.as_bytes(), &self.addr) {
             if !self.warned {

@@ -63,6 +63,11 @@ fn the_manager_sees_ready_watchdog_reloading_ready_stopping_in_order() {
         ready.contains("STATUS=2/2 workers ready, 0 restarts in the last 60s"),
         "{ready}"
     );
+    // Started by this test, not by systemd: herder names itself the main process.
+    assert!(
+        ready.lines().any(|l| l == format!("MAINPID={}", h.pid())),
+        "{ready}"
+    );
     let first = live_workers(&mut h);
 
     // WATCHDOG=1 every half interval (200 ms): about 10 in 2 s.
