@@ -294,7 +294,11 @@ pm() { podman --runtime runc "$@"; }
 # builds' target dir). musl when the target is installed (or can be); glibc +crt-static otherwise.
 build_static() {
     local target=x86_64-unknown-linux-musl flags=""
-    if ! rustup target list --installed 2>/dev/null | grep -qx "$target"; then
+    # HERDER_STATIC=glibc forces the fallback (to test the path a machine without rustup's
+    # network takes).
+    if [ "${HERDER_STATIC:-}" = glibc ]; then
+        target=""
+    elif ! rustup target list --installed 2>/dev/null | grep -qx "$target"; then
         timeout 180 rustup target add "$target" >&2 || target=""
     fi
     if [ -z "$target" ]; then target=x86_64-unknown-linux-gnu; flags="-C target-feature=+crt-static"; fi
