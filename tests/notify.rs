@@ -87,7 +87,7 @@ fn the_manager_sees_ready_watchdog_reloading_ready_stopping_in_order() {
         .count()
         - before;
     assert!(
-        (6..=14).contains(&pings),
+        (5..=14).contains(&pings),
         "{pings} pings in 2 s at a 400 ms watchdog"
     );
 
@@ -324,7 +324,7 @@ fn a_reload_whose_new_workers_never_get_ready_is_abandoned() {
 fn a_worker_that_stops_sending_watchdog_is_replaced() {
     // The demo pings at half the interval: it is left alone.
     let mut h = Herder::start(
-        &["-l", "127.0.0.1:0", "-w", "1", "--worker-watchdog", "400ms"],
+        &["-l", "127.0.0.1:0", "-w", "1", "--worker-watchdog", "2s"],
         &[DEMO],
     );
     h.wait_line(&["pool ready"], LONG);
@@ -337,10 +337,11 @@ fn a_worker_that_stops_sending_watchdog_is_replaced() {
                 &std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default(),
             )
             .to_string();
-            env.contains("WATCHDOG_USEC=400000") && env.contains(&format!("WATCHDOG_PID={pid}"))
+            env.contains("WATCHDOG_USEC=2000000") && env.contains(&format!("WATCHDOG_PID={pid}"))
         },
     );
-    let until = Instant::now() + Duration::from_secs(2);
+    // Several intervals without a miss (generous, for a loaded machine).
+    let until = Instant::now() + Duration::from_secs(5);
     while Instant::now() < until {
         assert_eq!(h.count(&["missed its watchdog"]), 0);
         std::thread::sleep(Duration::from_millis(100));

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use common::*;
 
-/// Each worker leaves three orphans that live a second; then it sleeps.
-const ORPHANS: &str = "for i in 1 2 3; do (sleep 1 &); done; echo orphans-made; exec sleep 600";
+/// Each worker leaves three orphans that live three seconds; then it sleeps.
+const ORPHANS: &str = "for i in 1 2 3; do (sleep 3 &); done; echo orphans-made; exec sleep 600";
 
 fn unshare_available() -> bool {
     if !root() {
