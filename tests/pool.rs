@@ -220,7 +220,19 @@ fn load(
 
 #[test]
 fn kill_9_of_a_worker_is_replaced_and_no_connection_is_refused() {
-    let mut h = Herder::start(&["-l", "127.0.0.1:0", "-w", "2"], &[DEMO]);
+    kill_9_under_load(&[]);
+}
+
+#[test]
+fn with_reuseport_a_killed_slot_keeps_its_socket_and_no_connection_is_refused() {
+    // Connections the kernel hashed to the dead slot's socket wait there for its replacement.
+    kill_9_under_load(&["--reuseport"]);
+}
+
+fn kill_9_under_load(extra: &[&str]) {
+    let mut args = vec!["-l", "127.0.0.1:0", "-w", "2"];
+    args.extend_from_slice(extra);
+    let mut h = Herder::start(&args, &[DEMO]);
     let addr = h.addr();
     h.wait_line(&["pool ready"], LONG);
     let herder_fds = fd_links(h.pid()).len();
