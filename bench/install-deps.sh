@@ -40,7 +40,8 @@ if [ ! -x .venv/bin/gunicorn ]; then
 fi
 
 for t in wrk tini node; do command -v $t >/dev/null && echo "ok: $t $(command -v $t)" || echo "missing: $t"; done
-[ -x node_modules/.bin/pm2 ] && echo "ok: pm2 $(node_modules/.bin/pm2 --version 2>/dev/null | tail -1)" || echo "missing: pm2"
+# (not `pm2 --version`: that starts a pm2 daemon as a side effect)
+[ -x node_modules/.bin/pm2 ] && echo "ok: pm2 $(node -p 'require("./node_modules/pm2/package.json").version')" || echo "missing: pm2"
 [ -x .venv/bin/gunicorn ] && echo "ok: gunicorn $(.venv/bin/gunicorn --version)" || echo "missing: gunicorn"
 command -v wrk >/dev/null || status=1
 exit $status
