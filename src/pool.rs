@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use tracing::{debug, error, info, warn};
 
-use crate::throttle::{backoff, Throttle, STABLE_AFTER};
+use crate::throttle::{backoff, healthy_run, Throttle};
 
 pub type WorkerId = u64;
 
@@ -195,6 +195,8 @@ pub struct Worker {
     pub pid: Option<i32>,
     pub state: State,
     pub spawned_at: Instant,
+    /// When it became ready (its last READY=1, or its exec).
+    pub ready_at: Option<Instant>,
     pub last_ping: Instant,
     pub status: Option<String>,
     pub errno: Option<i32>,
@@ -409,6 +411,7 @@ impl Pool {
             pid: None,
             state: State::Spawning,
             spawned_at: now,
+            ready_at: None,
             last_ping: now,
             status: None,
             errno: None,
@@ -546,7 +549,7 @@ impl Pool {
             return;
         }
         let s = &mut self.slots[slot];
-        if now.saturating_duration_since(w.spawned_at) >= STABLE_AFTER {
+        if healthy_run(w.spawned_at, w.ready_at, now) {
             s.failures = 0;
         }
         s.failures += 1;
@@ -621,6 +624,7 @@ impl Pool {
     fn became_ready(&mut self, id: WorkerId, now: Instant) {
         let w = self.workers.get_mut(&id).expect("worker exists");
         w.state = State::Ready;
+        w.ready_at = Some(now);
         let (slot, pid) = (w.slot, w.pid.unwrap_or(0));
         info!(slot, pid, "worker ready");
         let s = &mut self.slots[slot];

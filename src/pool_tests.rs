@@ -206,13 +206,38 @@ fn a_crash_restarts_after_an_exponential_backoff() {
 
 #[test]
 fn a_worker_that_lived_a_while_resets_the_backoff() {
-    let mut h = H::new(cfg(1));
+    // Never ready (notify mode, no READY=1): only its lifetime counts.
+    let mut c = cfg(1);
+    c.ready = ReadyMode::Notify;
+    let mut h = H::new(c);
     h.start();
     h.exit(h.pid(0), CRASH);
     h.advance(Duration::from_millis(100));
     h.exit(h.pid(0), CRASH);
     h.advance(Duration::from_millis(200));
-    h.now += STABLE_AFTER;
+    h.now += crate::throttle::STABLE_AFTER;
+    h.exit(h.pid(0), CRASH);
+    assert_eq!(
+        h.pool.next_deadline(),
+        Some(h.now + Duration::from_millis(100))
+    );
+}
+
+#[test]
+fn a_worker_that_served_a_second_resets_the_backoff() {
+    let mut h = H::new(cfg(1));
+    h.start();
+    h.exit(h.pid(0), CRASH);
+    h.advance(Duration::from_millis(100));
+    h.advance(Duration::from_millis(999)); // ready (exec mode) and served 999 ms
+    h.exit(h.pid(0), CRASH);
+    assert_eq!(
+        h.pool.next_deadline(),
+        Some(h.now + Duration::from_millis(200)),
+        "not yet"
+    );
+    h.advance(Duration::from_millis(200));
+    h.advance(Duration::from_secs(1)); // served a full second: a kill, not a crash loop
     h.exit(h.pid(0), CRASH);
     assert_eq!(
         h.pool.next_deadline(),

@@ -2,9 +2,9 @@
 //!
 //! Everything the child needs (argv, envp, the fd plan, credentials) is prepared before
 //! `fork`; the child then makes only async-signal-safe calls (signal-safety(7)): reset signal
-//! dispositions and mask, `setpgid`, PDEATHSIG, `dup2` the sockets to 3.., close every other
-//! fd, drop privileges, write its own pid into the pre-allocated LISTEN_PID/WATCHDOG_PID
-//! slots, `execve`. std's `Command` cannot do this: LISTEN_PID must be the child's own pid,
+//! dispositions and mask, `setpgid`, `dup2` the sockets to 3.., close every other fd, drop
+//! privileges, set PDEATHSIG (after that: a credential change clears it), write its own pid
+//! into the pre-allocated LISTEN_PID/WATCHDOG_PID slots, `execve`. std's `Command` cannot do this: LISTEN_PID must be the child's own pid,
 //! known only after fork (catatonit and shellflip patch it in the child the same way), and it
 //! no longer resets the signal mask (rust-lang/rust#101077).
 //!
@@ -302,12 +302,6 @@ impl ChildPlan<'_> {
 
         // Its own process group: herder can signal the worker and everything it started.
         libc::setpgid(0, 0);
-        // Die with herder (prctl(2)); if herder is already gone, don't start at all.
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
-        if libc::getppid() != self.parent {
-            fail(self.err_fd, STAGE_SETUP, libc::ESRCH);
-        }
-
         let n = self.fds.len() as RawFd;
         let first_free = 3 + n;
         let err_fd = libc::fcntl(self.err_fd, libc::F_DUPFD_CLOEXEC, first_free);
@@ -349,6 +343,12 @@ impl ChildPlan<'_> {
             {
                 fail(err_fd, STAGE_CREDS, errno());
             }
+        }
+        // Die with herder (prctl(2)). After the credential change, which would clear it. If
+        // herder is already gone, don't start at all.
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
+        if libc::getppid() != self.parent {
+            fail(err_fd, STAGE_SETUP, libc::ESRCH);
         }
 
         let pid = libc::getpid();

@@ -11,6 +11,16 @@ pub const BACKOFF_START: Duration = Duration::from_millis(100);
 pub const BACKOFF_CAP: Duration = Duration::from_secs(5);
 /// A worker that lived this long was healthy: its slot's backoff starts over.
 pub const STABLE_AFTER: Duration = Duration::from_secs(10);
+/// So was one that became ready and served this long: it was no start-up crash loop, and a
+/// killed worker (OOM, kill -9) comes back after the first, short delay. A worker that keeps
+/// dying after serving a while is the restart limit's business, not the backoff's.
+pub const SERVED_AFTER: Duration = Duration::from_secs(1);
+
+/// Whether a worker's run was healthy enough to reset its slot's backoff.
+pub fn healthy_run(spawned: Instant, ready: Option<Instant>, now: Instant) -> bool {
+    now.saturating_duration_since(spawned) >= STABLE_AFTER
+        || ready.is_some_and(|r| now.saturating_duration_since(r) >= SERVED_AFTER)
+}
 
 /// Counts restarts in a sliding window (`--restart-limit` within `--restart-window`).
 #[derive(Debug)]

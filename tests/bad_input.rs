@@ -71,7 +71,7 @@ fn assert_usage_error(out: Output, expect: &str) {
     assert!(!stdout.contains("WORKER RAN"), "no worker may start");
 }
 
-const WORKER: [&str; 3] = ["sh", "-c", "echo WORKER RAN; sleep 600"];
+const WORKER: [&str; 3] = ["sh", "-c", "echo WORKER RAN; exec sleep 600"];
 
 fn herder(args: &[&str]) -> Command {
     herder_cmd(args, &WORKER)

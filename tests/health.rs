@@ -216,3 +216,23 @@ fn user_nobody_workers_serve_a_port_below_1024() {
         );
     }
 }
+
+#[test]
+fn user_nobody_workers_still_die_with_herder() {
+    if !root() {
+        eprintln!("skipping: --user needs root");
+        return;
+    }
+    // A credential change clears PDEATHSIG: herder must set it after dropping privileges.
+    let mut h = Herder::start(
+        &["-w", "2", "--user", "nobody"],
+        &["sh", "-c", "exec sleep 600"],
+    );
+    h.wait_line(&["pool ready"], LONG);
+    let pids = h.spawned_pids();
+    h.signal(libc::SIGKILL);
+    h.wait_exit(LONG);
+    for pid in pids {
+        eventually("a nobody worker to die with herder", LONG, || !alive(pid));
+    }
+}

@@ -196,12 +196,24 @@ impl Herder {
 }
 
 impl Drop for Herder {
+    /// A stop as an operator would do it (TERM: drain, and herder's sweep takes whatever the
+    /// workers left behind), then SIGKILL if that takes more than a few seconds.
     fn drop(&mut self) {
-        if self.status.is_none() && matches!(self.child.try_wait(), Ok(None)) {
-            // SAFETY: kill(2) on our own child's pid; its workers follow by PDEATHSIG.
-            unsafe { libc::kill(self.pid(), libc::SIGKILL) };
-            let _ = self.child.wait();
+        if self.status.is_some() || !matches!(self.child.try_wait(), Ok(None)) {
+            return;
         }
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.pid(), libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // SAFETY: as above; its workers follow by PDEATHSIG.
+        unsafe { libc::kill(self.pid(), libc::SIGKILL) };
+        let _ = self.child.wait();
     }
 }
 
