@@ -1,12 +1,16 @@
 //! Logs: `tracing` to stderr, or to the journal with structured fields when stderr is the
 //! journal (systemd.exec(5) JOURNAL_STREAM). `HERDER_LOG` sets the filter (default `info`).
 //! Never stdout: that belongs to the workers.
+//!
+//! The filter is `tracing_subscriber`'s `Targets` (`info`, `debug`, `herder=debug,warn`), not
+//! `EnvFilter`: no regex engine in a process whose memory is counted in single megabytes.
 
 use std::os::fd::AsRawFd;
 
+use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{fmt, EnvFilter, Registry};
+use tracing_subscriber::{fmt, Registry};
 
 /// Whether fd 2 is the stream systemd connected to the journal ("DEV:INODE").
 fn stderr_is_journal() -> bool {
@@ -26,7 +30,14 @@ fn stderr_is_journal() -> bool {
 }
 
 pub fn init() {
-    let filter = EnvFilter::try_from_env("HERDER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let default = || Targets::new().with_default(tracing::Level::INFO);
+    let filter = match std::env::var("HERDER_LOG") {
+        Ok(spec) => spec.parse::<Targets>().unwrap_or_else(|e| {
+            eprintln!("herder: HERDER_LOG={spec}: {e}; using info");
+            default()
+        }),
+        Err(_) => default(),
+    };
     if stderr_is_journal() {
         if let Ok(journald) = tracing_journald::layer() {
             // Event fields become journal fields HERDER_SLOT=, HERDER_PID=, …
@@ -37,10 +48,9 @@ pub fn init() {
             return;
         }
     }
-    fmt()
-        .with_env_filter(filter)
+    let stderr = fmt::layer()
         .with_writer(std::io::stderr)
         .with_target(false)
-        .with_ansi(false)
-        .init();
+        .with_ansi(false);
+    Registry::default().with(filter).with(stderr).init();
 }

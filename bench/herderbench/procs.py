@@ -74,6 +74,22 @@ def rss_kib(pid):
     return None
 
 
+def smaps_kib(pid):
+    """Pss and Rss_anon from /proc/PID/smaps_rollup (proc(5)): the memory the process costs once
+    pages shared with other processes (libc, the executable) are split among their users, and
+    its private heap and stacks."""
+    out = {}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("Pss", "Anonymous"):
+                    out[key.lower()] = int(rest.split()[0])
+    except OSError:
+        pass
+    return out
+
+
 def cpu_ticks(pid):
     """utime + stime of pid in clock ticks (proc(5))."""
     try:

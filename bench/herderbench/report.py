@@ -99,7 +99,8 @@ def headline(r):
                              "yes" if row["failed"] <= row["held"] else "no"])
     w = s.get("weight", {}).get("table", {}).get("herder_64")
     if w:
-        rows.append(["herder RSS, 64 workers, idle", "≤ 2.5 MiB", mib(w["rss_kib"]),
+        pss = f" (PSS {mib(w['pss_kib'])})" if w.get("pss_kib") else ""
+        rows.append(["herder RSS, 64 workers, idle", "≤ 2.5 MiB", mib(w["rss_kib"]) + pss,
                      "yes" if w["rss_kib"] <= 2560 else "no"])
         rows.append(["herder CPU, 64 workers, idle", "0 (no polling)",
                      f"{w['cpu_ms']:.0f} ms / {w['idle_s']} s, {w['wakeups']} wakeups", "yes"
@@ -184,10 +185,14 @@ def weight_section(sec):
         return f"**section crashed:** {sec['crashed']}\n"
     out = (f"The manager process (herder, gunicorn's arbiter, the cluster primary, pm2's daemon, "
            f"tini) after its pool is up, idle for {sec['idle']} s: max RSS, CPU time used, and "
-           f"context switches (wakeups) in that window.\n\n")
-    rows = [[v["label"], v["workers"], mib(v["rss_kib"]), f"{v['cpu_ms']:.0f} ms",
+           f"context switches (wakeups) in that window. RSS counts every page of the executable "
+           f"and of libc the process touched; PSS splits shared pages among the processes that "
+           f"use them; anon is the process's own heap and stacks.\n\n")
+    rows = [[v["label"], v["workers"], mib(v["rss_kib"]), mib(v.get("pss_kib")),
+             mib(v.get("anon_kib")), f"{v['cpu_ms']:.0f} ms",
              f"{v['cpu_pct']:.2f}%", v["wakeups"], v["threads"]] for v in sec["table"].values()]
-    out += table(["manager", "workers", "RSS", "CPU in window", "CPU", "wakeups", "threads"], rows)
+    out += table(["manager", "workers", "RSS", "PSS", "anon", "CPU in window", "CPU", "wakeups",
+                  "threads"], rows)
     return out + missing_lines(sec)
 
 

@@ -9,7 +9,7 @@ import time
 
 from . import load
 from .procs import (CLK_TCK, DgramListener, Unavailable, cpu_ticks, held_connections, kill,
-                    now, rss_kib, wait_until)
+                    now, rss_kib, smaps_kib, wait_until)
 from .systems import (BareFd, BareReuseport, Gunicorn, Herder, NodeCluster, Pm2, Tini)
 
 MODES = ("keepalive", "close")
@@ -254,7 +254,9 @@ def _idle(ctx, pid, seconds):
         rss.append(rss_kib(pid))
     dt = now() - t0
     c1, w1 = cpu_ticks(pid), ctx_switches(pid)
+    sm = smaps_kib(pid)
     return {"rss_kib": max(r for r in rss if r is not None),
+            "pss_kib": sm.get("pss"), "anon_kib": sm.get("anonymous"),
             "cpu_pct": (c1 - c0) / CLK_TCK / dt * 100 if None not in (c0, c1) else None,
             "cpu_ms": (c1 - c0) * 1000 / CLK_TCK if None not in (c0, c1) else None,
             "wakeups": (w1 - w0) if None not in (w0, w1) else None, "idle_s": round(dt, 1)}
