@@ -504,6 +504,15 @@ impl Pool {
             None => (false, false),
         };
         if !self.phase.serving() {
+            // Stopping: nothing is replaced; only forget it, so no slot names a gone worker.
+            if let Some(s) = self.slots.get_mut(slot) {
+                if is_current {
+                    s.current = None;
+                }
+                if is_next {
+                    s.next = None;
+                }
+            }
             self.finish_if_empty();
             return;
         }

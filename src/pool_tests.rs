@@ -317,6 +317,10 @@ fn stop_drains_then_exits_zero() {
     );
     assert!(manager(&acts).contains(&ManagerMsg::Stopping));
     assert_eq!(exit_code(&h.exit(pids[0], ExitStatus::Code(0))), None);
+    assert_eq!(
+        h.pool.slots[0].current, None,
+        "no slot names a worker that is gone"
+    );
     // No restart while draining.
     assert_eq!(
         h.pool.next_deadline(),

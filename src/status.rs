@@ -40,7 +40,9 @@ pub fn worker_state(w: &Worker) -> &'static str {
 }
 
 fn worker_json(pool: &Pool, id: WorkerId, now: Instant) -> Value {
-    let w = &pool.workers[&id];
+    let Some(w) = pool.workers.get(&id) else {
+        return Value::Null;
+    };
     json!({
         "pid": w.pid,
         "state": worker_state(w),

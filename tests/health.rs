@@ -236,3 +236,38 @@ fn user_nobody_workers_still_die_with_herder() {
         eventually("a nobody worker to die with herder", LONG, || !alive(pid));
     }
 }
+
+#[test]
+fn status_answers_during_a_drain_after_some_workers_are_gone() {
+    let script = "if [ $HERDER_WORKER = 1 ]; then trap '' TERM; echo trapped; fi; exec sleep 600";
+    let mut h = Herder::start(
+        &[
+            "--health",
+            "127.0.0.1:0",
+            "-w",
+            "2",
+            "--drain-timeout",
+            "20s",
+        ],
+        &["sh", "-c", script],
+    );
+    let health = health_addr(&mut h);
+    h.wait_line(&["pool ready"], LONG);
+    h.wait_line(&["trapped"], LONG);
+    h.signal(libc::SIGTERM);
+    h.wait_line(&["worker exited", "slot=0"], LONG);
+    let (code, body) = probe(health, "/status");
+    assert_eq!(code, 200, "{body}");
+    let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(doc["herder"]["state"], "draining");
+    assert_eq!(
+        doc["slots"][0]["pid"],
+        serde_json::Value::Null,
+        "slot 0's worker is gone"
+    );
+    assert_eq!(doc["slots"][1]["state"], "draining");
+    assert_eq!(probe(health, "/readyz").0, 503);
+    assert_eq!(probe(health, "/metrics").0, 200);
+    h.signal(libc::SIGQUIT);
+    assert_eq!(h.wait_exit(LONG).code(), Some(3));
+}
