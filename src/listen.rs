@@ -170,30 +170,27 @@ fn fd_is_open(fd: RawFd) -> bool {
     unsafe { libc::fcntl(fd, libc::F_GETFD) != -1 }
 }
 
+/// A number from the environment, or the error `bad` makes of the text.
+fn env_number<T: FromStr>(
+    value: &OsString,
+    bad: impl FnOnce(String) -> ListenError,
+) -> Result<T, ListenError> {
+    let text = value.to_string_lossy();
+    text.trim().parse().map_err(|_| bad(text.to_string()))
+}
+
 /// `sd_listen_fds_with_names(3)`: the inherited sockets, validated and made close-on-exec.
 pub fn inherit(env: &InheritedEnv, my_pid: u32) -> Result<Vec<Listener>, ListenError> {
     let (Some(pid), Some(fds)) = (&env.listen_pid, &env.listen_fds) else {
         return Ok(Vec::new());
     };
-    let pid_s = pid.to_string_lossy();
-    let pid: u32 = pid_s
-        .trim()
-        .parse()
-        .map_err(|_| ListenError::PidNotANumber {
-            value: pid_s.to_string(),
-        })?;
+    let pid: u32 = env_number(pid, |value| ListenError::PidNotANumber { value })?;
     if pid != my_pid {
         // Meant for another process (sd_listen_fds(3) ignores them too).
         tracing::debug!(listen_pid = pid, "LISTEN_FDS is not for us; ignored");
         return Ok(Vec::new());
     }
-    let fds_s = fds.to_string_lossy();
-    let count: usize = fds_s
-        .trim()
-        .parse()
-        .map_err(|_| ListenError::FdsNotANumber {
-            value: fds_s.to_string(),
-        })?;
+    let count: usize = env_number(fds, |value| ListenError::FdsNotANumber { value })?;
     let names: Vec<String> = match &env.listen_fdnames {
         Some(n) => n.to_string_lossy().split(':').map(str::to_string).collect(),
         None => vec!["unknown".to_string(); count],
