@@ -8,7 +8,7 @@ use std::ffi::OsString;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -311,38 +311,35 @@ pub fn bind(spec: &ListenSpec, reuseport: bool) -> Result<Listener, ListenError>
         }
         Addr::UnixPath(p) => {
             remove_stale(p)?;
-            let addr = SockAddr::unix(p).map_err(|source| ListenError::Bind {
-                addr: shown.clone(),
-                source,
-            })?;
-            let sock = bind_unix(&addr, &shown)?;
-            Ok(Listener {
-                fd: sock.into(),
-                name,
-                display: shown,
-                owned_path: Some(p.clone()),
-                reusable: false,
-            })
+            unix_listener(p.clone(), Some(p.clone()), name, shown)
         }
         Addr::UnixAbstract(n) => {
             // socket2 takes an abstract name as a path with a leading NUL (unix(7)).
-            let mut raw = vec![0u8];
-            raw.extend_from_slice(n);
-            let path = std::path::Path::new(std::ffi::OsStr::from_bytes(&raw));
-            let addr = SockAddr::unix(path).map_err(|source| ListenError::Bind {
-                addr: shown.clone(),
-                source,
-            })?;
-            let sock = bind_unix(&addr, &shown)?;
-            Ok(Listener {
-                fd: sock.into(),
-                name,
-                display: shown,
-                owned_path: None,
-                reusable: false,
-            })
+            let raw: Vec<u8> = std::iter::once(0).chain(n.iter().copied()).collect();
+            unix_listener(PathBuf::from(OsString::from_vec(raw)), None, name, shown)
         }
     }
+}
+
+/// A listening unix stream socket at `path` (a leading NUL: the abstract namespace).
+fn unix_listener(
+    path: PathBuf,
+    owned_path: Option<PathBuf>,
+    name: String,
+    shown: String,
+) -> Result<Listener, ListenError> {
+    let addr = SockAddr::unix(&path).map_err(|source| ListenError::Bind {
+        addr: shown.clone(),
+        source,
+    })?;
+    let sock = bind_unix(&addr, &shown)?;
+    Ok(Listener {
+        fd: sock.into(),
+        name,
+        display: shown,
+        owned_path,
+        reusable: false,
+    })
 }
 
 fn bind_error(addr: &str, source: std::io::Error) -> ListenError {

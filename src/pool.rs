@@ -530,14 +530,8 @@ impl Pool {
                 }
                 _ => format!("slot {slot}: new worker {desc} before it was ready"),
             };
-            if w.state
-                != (State::Stopping {
-                    why: StopWhy::Superseded,
-                    kill_at: None,
-                })
-            {
-                self.reload_failed(why, now);
-            }
+            // (A superseded replacement left `next` before it was killed: it never gets here.)
+            self.reload_failed(why);
             return;
         }
         if !is_current {
@@ -674,13 +668,13 @@ impl Pool {
                 }
                 Phase::LameDuck { .. } | Phase::Draining { .. } => {
                     info!("second stop request: stopping at once");
-                    self.force(now);
+                    self.force();
                 }
                 Phase::Killing { .. } | Phase::Exited => {}
             },
             Request::ForceStop => {
                 info!("QUIT: stopping at once");
-                self.force(now);
+                self.force();
             }
             Request::Reload => self.reload(now),
             Request::ScaleUp => self.scale(self.slots.len() + 1, now),
@@ -688,7 +682,14 @@ impl Pool {
             Request::ScaleTo(n) => self.scale(n, now),
             Request::Forward(signal) => {
                 for w in self.workers.values() {
-                    if let (Some(pid), false) = (w.pid, w.state == stopped_killed()) {
+                    let killed = matches!(
+                        w.state,
+                        State::Stopping {
+                            why: StopWhy::Killed,
+                            ..
+                        }
+                    );
+                    if let (Some(pid), false) = (w.pid, killed) {
                         self.out.push(Action::Signal { pid, signal });
                     }
                 }
@@ -849,7 +850,7 @@ impl Pool {
         }
     }
 
-    fn reload_failed(&mut self, why: String, _now: Instant) {
+    fn reload_failed(&mut self, why: String) {
         error!("reload failed: {why}; the previous generation keeps serving");
         self.reloading = false;
         for slot in 0..self.slots.len() {
@@ -891,7 +892,7 @@ impl Pool {
         self.finish_if_empty();
     }
 
-    fn force(&mut self, _now: Instant) {
+    fn force(&mut self) {
         let code = match self.phase {
             Phase::Draining { code } | Phase::Killing { code } => code,
             _ => EXIT_CLEAN,
@@ -1089,13 +1090,6 @@ fn exit_reason(state: State) -> &'static str {
             StopWhy::Superseded => "superseded",
             StopWhy::Killed => "killed",
         },
-    }
-}
-
-fn stopped_killed() -> State {
-    State::Stopping {
-        why: StopWhy::Killed,
-        kill_at: None,
     }
 }
 
