@@ -40,15 +40,19 @@ const DRAIN_STALL_TICKS: u32 = 25;
 const LINGER: Duration = Duration::from_secs(1);
 const BACKLOG: libc::c_int = 1024;
 const HANDLER_STACK: usize = 128 * 1024;
-const USAGE: &str = "usage: herder-demo [--listen HOST:PORT]";
+const USAGE: &str = "usage: herder-demo [--listen HOST:PORT] [--crash-route]";
 const HELP: &str = "Serves HTTP on the socket at fd 3 (LISTEN_FDS) or, without it, binds \
-    HOST:PORT with SO_REUSEPORT.\nRoutes: GET / , /health , /sleep?ms=N , /crash (exit 3).";
+    HOST:PORT with SO_REUSEPORT.\nRoutes: GET / , /health , /sleep?ms=N ; with --crash-route (tests \
+    only) also /crash, which makes the worker exit 3.";
 
 /// Set by the SIGTERM/SIGINT handler; everything else only reads it.
 static DRAIN: AtomicBool = AtomicBool::new(false);
 /// The listening fd, and a non-listening socket the signal handler dup2()s over it.
 static LISTENER: AtomicI32 = AtomicI32::new(-1);
 static PLACEHOLDER: AtomicI32 = AtomicI32::new(-1);
+/// `--crash-route`: serve `GET /crash`. Off by default: the shipped image runs this worker on a
+/// public port, and a route anyone can use to kill workers would let anyone make herder give up.
+static CRASH_ROUTE: AtomicBool = AtomicBool::new(false);
 
 /// stderr is herder's (or the journal's), shared with sibling workers. Each line goes out in one
 /// write(2), so lines from several workers never interleave (pipe(7): writes up to PIPE_BUF are
@@ -108,6 +112,8 @@ fn parse_args() -> Result<Option<String>, String> {
             listen = Some(args.next().ok_or("--listen needs HOST:PORT")?);
         } else if let Some(v) = arg.strip_prefix("--listen=") {
             listen = Some(v.to_string());
+        } else if arg == "--crash-route" {
+            CRASH_ROUTE.store(true, SeqCst);
         } else if arg == "--help" || arg == "-h" {
             let _ = writeln!(io::stdout(), "{USAGE}\n{HELP}");
             process::exit(0);
@@ -665,7 +671,8 @@ fn parse_decimal(digits: &[u8]) -> Option<u64> {
 
 fn route(method: &[u8], target: &str) -> Route {
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    if !matches!(path, "/" | "/health" | "/sleep" | "/crash") {
+    let crash = path == "/crash" && CRASH_ROUTE.load(SeqCst);
+    if !matches!(path, "/" | "/health" | "/sleep") && !crash {
         return Route::NotFound;
     }
     if method != b"GET" && method != b"HEAD" {

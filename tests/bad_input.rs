@@ -79,8 +79,18 @@ fn herder(args: &[&str]) -> Command {
 
 fn inherited(kind: &str, fds: &str, names: &str) -> Command {
     let mut c = Command::new("python3");
-    c.args(["-c", LAUNCHER, kind, fds, names, HERDER, "-w", "1", "--"])
-        .args(WORKER);
+    c.args([
+        "-c",
+        LAUNCHER,
+        kind,
+        fds,
+        names,
+        herder_bin(),
+        "-w",
+        "1",
+        "--",
+    ])
+    .args(WORKER);
     c
 }
 
@@ -110,7 +120,7 @@ fn zero_workers() {
 
 #[test]
 fn no_command() {
-    let mut c = Command::new(HERDER);
+    let mut c = Command::new(herder_bin());
     c.args(["-w", "1"]);
     assert_usage_error(run(c), "no COMMAND");
 }
@@ -209,7 +219,7 @@ fn a_stale_unix_socket_file_is_replaced_and_removed_at_exit() {
     drop(std::os::unix::net::UnixListener::bind(&path).unwrap()); // leaves the file behind
     assert!(path.exists());
     let spec = format!("unix:{}", path.display());
-    let mut h = Herder::start(&["-l", &spec, "-w", "1"], &[DEMO]);
+    let mut h = Herder::start(&["-l", &spec, "-w", "1"], &[demo_bin()]);
     h.wait_line(&["pool ready"], LONG);
     let mut s = std::os::unix::net::UnixStream::connect(&path).expect("herder's socket accepts");
     use std::io::{Read, Write};

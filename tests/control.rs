@@ -12,7 +12,7 @@ use std::process::{Command, Output};
 use common::*;
 
 fn client(sock: &Path, args: &[&str]) -> Output {
-    let mut c = Command::new(HERDER);
+    let mut c = Command::new(herder_bin());
     c.args(args).arg("--control").arg(sock);
     c.output().unwrap()
 }
@@ -48,7 +48,7 @@ fn start(dir: &TempDir, extra: &[&str], command: &[&str]) -> (Herder, std::path:
 #[test]
 fn status_reflects_the_pool_before_and_after_a_kill_and_a_scale() {
     let dir = TempDir::new("ctl-status");
-    let (mut h, sock) = start(&dir, &["-w", "2"], &[DEMO]);
+    let (mut h, sock) = start(&dir, &["-w", "2"], &[demo_bin()]);
     let mode = std::fs::metadata(&sock)
         .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)
         .unwrap();
@@ -105,8 +105,9 @@ fn reload_wait_succeeds_with_new_pids_and_fails_with_the_reason() {
     let dir = TempDir::new("ctl-reload");
     let broken = dir.path().join("broken");
     let script = format!(
-        "if [ -e {} ]; then exec sleep 600; fi; exec {DEMO}",
-        broken.display()
+        "if [ -e {} ]; then exec sleep 600; fi; exec {}",
+        broken.display(),
+        demo_bin()
     );
     let (mut h, sock) = start(
         &dir,
@@ -166,7 +167,7 @@ fn another_uid_is_refused_and_bad_requests_are_survived() {
     )
     .unwrap();
     std::fs::set_permissions(&sock, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
-    let mut c = Command::new(HERDER);
+    let mut c = Command::new(herder_bin());
     c.args(["status", "--control"])
         .arg(&sock)
         .uid(65534)
@@ -227,7 +228,7 @@ fn metrics_parse_as_prometheus_text_and_move_with_the_pool() {
             "--control",
             sock.to_str().unwrap(),
         ],
-        &[DEMO],
+        &[demo_bin()],
     );
     let health: std::net::SocketAddr = field(&h.wait_line(&["health endpoint"], LONG), "addr")
         .unwrap()

@@ -43,8 +43,9 @@ fn readyz_follows_the_pool_and_status_matches_it() {
     let dir = TempDir::new("health");
     let gate = dir.path().join("gate");
     let script = format!(
-        "while [ ! -e {} ]; do sleep 0.02; done; exec {DEMO}",
-        gate.display()
+        "while [ ! -e {} ]; do sleep 0.02; done; exec {}",
+        gate.display(),
+        demo_bin()
     );
     let mut h = Herder::start(
         &[
@@ -127,7 +128,7 @@ fn lame_duck_turns_readyz_503_while_still_serving_then_drains() {
             "--shutdown-delay",
             "2s",
         ],
-        &[DEMO],
+        &[demo_bin()],
     );
     let addr = h.addr();
     let health = health_addr(&mut h);
@@ -199,7 +200,10 @@ fn user_nobody_workers_serve_a_port_below_1024() {
         .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
         .expect("a free port below 1024");
     let listen = format!("127.0.0.1:{port}");
-    let mut h = Herder::start(&["-l", &listen, "-w", "2", "--user", "nobody"], &[DEMO]);
+    let mut h = Herder::start(
+        &["-l", &listen, "-w", "2", "--user", "nobody"],
+        &[demo_bin()],
+    );
     h.wait_line(&["pool ready"], LONG);
     let addr: SocketAddr = listen.parse().unwrap();
     for pid in distinct_pids(addr, 2, LONG) {

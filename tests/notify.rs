@@ -37,8 +37,9 @@ fn the_manager_sees_ready_watchdog_reloading_ready_stopping_in_order() {
     // Slot 1 of the first generation starts only when the test opens the gate.
     let gate = dir.path().join("gate");
     let script = format!(
-        "if [ $HERDER_WORKER = 1 ]; then while [ ! -e {} ]; do sleep 0.02; done; fi; exec {DEMO}",
-        gate.display()
+        "if [ $HERDER_WORKER = 1 ]; then while [ ! -e {} ]; do sleep 0.02; done; fi; exec {}",
+        gate.display(),
+        demo_bin()
     );
     let mut cmd = herder_cmd(
         &["-l", "127.0.0.1:0", "-w", "2", "--ready", "notify"],
@@ -154,7 +155,7 @@ fn five_reloads_under_load_fail_no_request() {
     let (mut h, mut ns) = with_notify(
         &dir,
         &["-l", "127.0.0.1:0", "-w", "2", "--ready", "notify"],
-        &[DEMO],
+        &[demo_bin()],
     );
     let addr = h.addr();
     ns.wait_for("READY=1", LONG);
@@ -274,8 +275,9 @@ fn a_reload_whose_new_workers_never_get_ready_is_abandoned() {
     let dir = TempDir::new("badreload");
     let broken = dir.path().join("broken");
     let script = format!(
-        "if [ -e {} ]; then exec sleep 600; fi; exec {DEMO}",
-        broken.display()
+        "if [ -e {} ]; then exec sleep 600; fi; exec {}",
+        broken.display(),
+        demo_bin()
     );
     let args = [
         "-l",
@@ -325,7 +327,7 @@ fn a_worker_that_stops_sending_watchdog_is_replaced() {
     // The demo pings at half the interval: it is left alone.
     let mut h = Herder::start(
         &["-l", "127.0.0.1:0", "-w", "1", "--worker-watchdog", "2s"],
-        &[DEMO],
+        &[demo_bin()],
     );
     h.wait_line(&["pool ready"], LONG);
     let pid = h.spawned_pids()[0];

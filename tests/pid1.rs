@@ -66,7 +66,15 @@ fn as_pid1_herder_reaps_orphans() {
     if !unshare_available() {
         return;
     }
-    let mut h = Herder::spawn(unshare(&[HERDER, "-w", "1", "--", "sh", "-c", ORPHANS]));
+    let mut h = Herder::spawn(unshare(&[
+        herder_bin(),
+        "-w",
+        "1",
+        "--",
+        "sh",
+        "-c",
+        ORPHANS,
+    ]));
     h.wait_line(&["running as PID 1"], LONG);
     h.wait_line(&["orphans-made"], LONG);
     let pid1 = pid1_of(h.pid());
@@ -109,7 +117,7 @@ fn as_pid1_nothing_is_left_running_when_herder_exits() {
     // The worker starts a daemon that escapes its process group and ignores TERM.
     let script = "setsid sh -c 'trap \"\" TERM; exec sleep 600' & echo daemon $!; exec sleep 600";
     let mut h = Herder::spawn(unshare(&[
-        HERDER,
+        herder_bin(),
         "-w",
         "1",
         "--drain-timeout",

@@ -54,7 +54,7 @@ fn stat_fields(pid: i32) -> Vec<String> {
 
 #[test]
 fn workers_share_one_port() {
-    let mut h = Herder::start(&["-l", "127.0.0.1:0", "-w", "3"], &[DEMO]);
+    let mut h = Herder::start(&["-l", "127.0.0.1:0", "-w", "3"], &[demo_bin()]);
     let addr = h.addr();
     h.wait_line(&["pool ready"], LONG);
     let pids = distinct_pids(addr, 3, LONG);
@@ -65,7 +65,10 @@ fn workers_share_one_port() {
 
 #[test]
 fn reuseport_gives_each_slot_its_own_socket() {
-    let mut h = Herder::start(&["-l", "127.0.0.1:0", "-w", "3", "--reuseport"], &[DEMO]);
+    let mut h = Herder::start(
+        &["-l", "127.0.0.1:0", "-w", "3", "--reuseport"],
+        &[demo_bin()],
+    );
     let addr = h.addr();
     h.wait_line(&["pool ready"], LONG);
     let pids = distinct_pids(addr, 3, LONG);
@@ -155,7 +158,7 @@ fn listen_pid_is_the_worker_own_pid_under_systemd_socket_activate() {
         "-l",
         &format!("127.0.0.1:{port}"),
         "--fdname=http",
-        HERDER,
+        herder_bin(),
         "-w",
         "2",
         "--",
@@ -232,7 +235,7 @@ fn with_reuseport_a_killed_slot_keeps_its_socket_and_no_connection_is_refused() 
 fn kill_9_under_load(extra: &[&str]) {
     let mut args = vec!["-l", "127.0.0.1:0", "-w", "2"];
     args.extend_from_slice(extra);
-    let mut h = Herder::start(&args, &[DEMO]);
+    let mut h = Herder::start(&args, &[demo_bin()]);
     let addr = h.addr();
     h.wait_line(&["pool ready"], LONG);
     let herder_fds = fd_links(h.pid()).len();
@@ -271,7 +274,7 @@ fn kill_9_under_load(extra: &[&str]) {
 
 #[test]
 fn sigterm_lets_an_in_flight_request_finish_and_exits_zero() {
-    let mut h = Herder::start(&["-l", "127.0.0.1:0", "-w", "1"], &[DEMO]);
+    let mut h = Herder::start(&["-l", "127.0.0.1:0", "-w", "1"], &[demo_bin()]);
     let addr = h.addr();
     h.wait_line(&["pool ready"], LONG);
     let worker = h.spawned_pids()[0];

@@ -14,8 +14,22 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-pub const HERDER: &str = env!("CARGO_BIN_EXE_herder");
-pub const DEMO: &str = env!("CARGO_BIN_EXE_herder-demo");
+/// The binaries under test: this build's, or another build's from `HERDER_TEST_BIN` /
+/// `HERDER_TEST_DEMO_BIN` (to show that a new test fails on an older herder).
+pub fn herder_bin() -> &'static str {
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var("HERDER_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_herder").into())
+    })
+}
+
+pub fn demo_bin() -> &'static str {
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var("HERDER_TEST_DEMO_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_herder-demo").into())
+    })
+}
 
 /// Generous: the CI machine is a loaded 2-core box.
 pub const LONG: Duration = Duration::from_secs(30);
@@ -52,7 +66,7 @@ pub struct Herder {
 }
 
 pub fn herder_cmd(args: &[&str], command: &[&str]) -> Command {
-    let mut c = Command::new(HERDER);
+    let mut c = Command::new(herder_bin());
     c.args(args).arg("--").args(command);
     c.env("HERDER_LOG", "info");
     c.env_remove("NOTIFY_SOCKET")
