@@ -10,6 +10,7 @@ mod control;
 mod health;
 mod listen;
 mod logging;
+mod manager;
 mod metrics;
 mod notify;
 mod pid1;
@@ -65,6 +66,9 @@ fn take_env() -> FromManager {
 
 fn main() {
     spawn::ensure_std_fds();
+    // Before anything is opened: herder's own fds are herder's problem, workers get the limit
+    // back.
+    let nofile = spawn::raise_nofile();
     let from_manager = take_env();
     signals::unblock_all();
     let cli = cli::parse();
@@ -77,7 +81,7 @@ fn main() {
     logging::init();
     let supervisor = match inherited
         .map_err(anyhow::Error::from)
-        .and_then(|l| setup(&cli.run, from_manager, l))
+        .and_then(|l| setup(&cli.run, from_manager, l, nofile))
     {
         Ok(s) => s,
         Err(e) => {
@@ -132,18 +136,25 @@ fn setup(
     args: &cli::RunArgs,
     env: FromManager,
     mut listeners: Vec<listen::Listener>,
+    nofile: Option<libc::rlimit>,
 ) -> Result<supervisor::Supervisor> {
     let my_pid = std::process::id();
     let mut cfg = args.pool_config(cpus()).map_err(anyhow::Error::msg)?;
-    cfg.manager_watchdog = notify::watchdog_interval(
+    cfg.manager_watchdog = manager::watchdog_interval(
         env.watchdog_usec.as_ref().and_then(|v| v.to_str()),
         env.watchdog_pid.as_ref().and_then(|v| v.to_str()),
         my_pid,
     );
     let creds = credentials(args)?;
-    let worker_uid = creds
-        .as_ref()
-        .map_or_else(|| nix::unistd::getuid().as_raw(), |c| c.uid);
+    let (worker_uid, worker_gid) = creds.as_ref().map_or_else(
+        || {
+            (
+                nix::unistd::geteuid().as_raw(),
+                nix::unistd::getegid().as_raw(),
+            )
+        },
+        |c| (c.uid, c.gid),
+    );
 
     for spec in &args.listen {
         listeners.push(listen::bind(spec, args.reuseport)?);
@@ -176,16 +187,18 @@ fn setup(
         None => None,
     };
     let manager = match env.notify_socket.as_ref().and_then(|v| v.to_str()) {
-        Some(v) => Some(notify::Manager::new(v).context("NOTIFY_SOCKET")?),
+        Some(v) => Some(manager::Manager::new(v).context("NOTIFY_SOCKET")?),
         None => None,
     };
-    let plan = spawn::Plan::new(&args.command, creds).context("preparing the worker command")?;
+    let plan =
+        spawn::Plan::new(&args.command, creds, nofile).context("preparing the worker command")?;
+    let notify = notify::NotifySockets::new((worker_uid, worker_gid));
     pid1::become_subreaper();
     if let Some(w) = cfg.manager_watchdog {
         info!(interval = %pool::fmt_dur(w), "systemd watchdog enabled");
     }
     let pool = Pool::new(cfg, Instant::now());
-    let mut s = supervisor::Supervisor::new(pool, sockets, plan, manager, worker_uid);
+    let mut s = supervisor::Supervisor::new(pool, sockets, plan, manager, worker_uid, notify);
     s.health = health;
     s.control = control;
     Ok(s)

@@ -7,7 +7,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::pool::Pool;
+use crate::pool::{Pool, EXIT_REASONS};
 use crate::status::{herder_state, worker_state};
 
 type Labels = Vec<(String, String)>;
@@ -60,7 +60,7 @@ pub fn render(pool: &Pool) -> String {
 
     let state = Family::<Labels, Gauge>::default();
     state
-        .get_or_create(&label("state", herder_state(pool)))
+        .get_or_create(&label("state", herder_state(pool).word()))
         .set(1);
     reg.register("state", "herder's own state", state);
 
@@ -83,16 +83,7 @@ pub fn render(pool: &Pool) -> String {
     reg.register("reloads", "Rolling reloads by result", reloads);
 
     let exits = Family::<Labels, Counter>::default();
-    for reason in [
-        "crash",
-        "drained",
-        "retired",
-        "watchdog",
-        "ready_timeout",
-        "spawn_failed",
-        "superseded",
-        "killed",
-    ] {
+    for reason in EXIT_REASONS {
         exits.get_or_create(&label("reason", reason)).inc_by(0);
     }
     for (reason, n) in &c.exits {
@@ -103,6 +94,14 @@ pub fn render(pool: &Pool) -> String {
     let give_ups = Counter::<u64>::default();
     give_ups.inc_by(c.give_ups);
     reg.register("give_ups", "Times herder gave up on a crash loop", give_ups);
+
+    let short = Counter::<u64>::default();
+    short.inc_by(c.resource_failures);
+    reg.register(
+        "resource_failures",
+        "Worker starts that failed for want of herder's own resources (fds, memory, processes)",
+        short,
+    );
 
     let mut out = String::new();
     // Encoding into a String cannot fail.

@@ -1,12 +1,14 @@
 //! fork/exec of one worker — the only code that runs between fork and exec.
 //!
 //! Everything the child needs (argv, envp, the fd plan, credentials) is prepared before
-//! `fork`; the child then makes only async-signal-safe calls (signal-safety(7)): reset signal
-//! dispositions and mask, `setpgid`, `dup2` the sockets to 3.., close every other fd, drop
-//! privileges, set PDEATHSIG (after that: a credential change clears it), write its own pid
-//! into the pre-allocated LISTEN_PID/WATCHDOG_PID slots, `execve`. std's `Command` cannot do this: LISTEN_PID must be the child's own pid,
-//! known only after fork (catatonit and shellflip patch it in the child the same way), and it
-//! no longer resets the signal mask (rust-lang/rust#101077).
+//! `fork`, which runs with every signal blocked; the child then makes only async-signal-safe
+//! calls (signal-safety(7)): reset signal dispositions, then the mask, `setpgid`, `dup2` the
+//! sockets to 3.., close every other fd, drop privileges, give back the fd limit herder
+//! found, set PDEATHSIG (after the credential change, which clears it), write its own pid
+//! into the pre-allocated LISTEN_PID/WATCHDOG_PID slots, `execve`. std's `Command` cannot do
+//! this: LISTEN_PID must be the child's own pid, known only after fork (catatonit and
+//! shellflip patch it in the child the same way), and it no longer resets the signal mask
+//! (rust-lang/rust#101077).
 //!
 //! An exec failure travels back over a close-on-exec pipe (errno), so the parent knows at
 //! once whether the worker runs; the failed child `_exit`s 127 (not found) or 126.
@@ -19,16 +21,32 @@ use std::time::Duration;
 
 use thiserror::Error;
 
+use crate::pool::Blame;
+
 #[derive(Debug, Error)]
 pub enum SpawnError {
+    /// The worker command could not be run: not found, not executable, `--user` refused.
     #[error("{what}: {source}")]
     Exec {
         what: String,
         source: std::io::Error,
         code: i32,
     },
-    #[error("fork failed: {0}")]
-    Fork(std::io::Error),
+    /// herder could not do its part: pipe, fork, or the child's fd setup.
+    #[error("{what}: {source}")]
+    Herder {
+        what: &'static str,
+        source: std::io::Error,
+    },
+}
+
+/// Errors that say "out of resources", not "this command is broken": the process or system
+/// fd table, memory, the process limit.
+pub fn is_resource_error(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::EAGAIN | libc::ENOBUFS)
+    )
 }
 
 impl SpawnError {
@@ -36,7 +54,16 @@ impl SpawnError {
     pub fn code(&self) -> i32 {
         match self {
             SpawnError::Exec { code, .. } => *code,
-            SpawnError::Fork(_) => 126,
+            SpawnError::Herder { .. } => 126,
+        }
+    }
+
+    /// Whose failure it is: herder's resources are never counted against the command.
+    pub fn blame(&self) -> Blame {
+        match self {
+            SpawnError::Exec { source, .. } if is_resource_error(source) => Blame::Herder,
+            SpawnError::Exec { .. } => Blame::Command,
+            SpawnError::Herder { .. } => Blame::Herder,
         }
     }
 }
@@ -58,6 +85,8 @@ pub struct Plan {
     devnull: OwnedFd,
     creds: Option<Credentials>,
     parent: libc::pid_t,
+    /// RLIMIT_NOFILE as herder found it, for the workers (herder raised its own soft limit).
+    nofile: Option<libc::rlimit>,
 }
 
 /// What differs per worker.
@@ -86,7 +115,12 @@ fn cstring(b: &[u8]) -> CString {
 }
 
 impl Plan {
-    pub fn new(command: &[OsString], creds: Option<Credentials>) -> std::io::Result<Plan> {
+    /// `nofile`: the RLIMIT_NOFILE workers get back (see [`raise_nofile`]).
+    pub fn new(
+        command: &[OsString],
+        creds: Option<Credentials>,
+        nofile: Option<libc::rlimit>,
+    ) -> std::io::Result<Plan> {
         let devnull = std::fs::File::open("/dev/null")?.into();
         let base_env = std::env::vars_os()
             .filter(|(k, _)| !OURS.iter().any(|o| OsStr::new(o) == k))
@@ -109,6 +143,7 @@ impl Plan {
             creds,
             // SAFETY: getpid has no preconditions.
             parent: unsafe { libc::getpid() },
+            nofile,
         })
     }
 
@@ -205,7 +240,10 @@ pub fn spawn(plan: &Plan, w: &WorkerEnv<'_>) -> Result<i32, SpawnError> {
     let mut tmp_fds = vec![-1 as RawFd; w.fds.len()];
 
     let (err_r, err_w) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| SpawnError::Fork(e.into()))?;
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| SpawnError::Herder {
+            what: "cannot create the exec-status pipe",
+            source: e.into(),
+        })?;
     let child = ChildPlan {
         path: &path,
         argv: &argv,
@@ -216,18 +254,36 @@ pub fn spawn(plan: &Plan, w: &WorkerEnv<'_>) -> Result<i32, SpawnError> {
         err_fd: err_w.as_raw_fd(),
         creds: plan.creds.as_ref(),
         parent: plan.parent,
+        nofile: plan.nofile.as_ref(),
     };
+    // Every signal blocked across fork: one that arrives in the child before it has reset
+    // the dispositions would otherwise run herder's handler there (tokio's, which writes to
+    // the pipe herder's loop reads: a SIGTERM meant for the child would stop herder). The
+    // child resets dispositions, then unmasks; the parent restores its mask right after.
+    let mut old: libc::sigset_t = zeroed_sigset();
+    // SAFETY: plain sigset manipulation on local values; pthread_sigmask on our own thread.
+    unsafe {
+        let mut all: libc::sigset_t = zeroed_sigset();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
+    }
     // SAFETY: the child branch calls only async-signal-safe functions on memory prepared above
     // (see `ChildPlan::run`) and never returns; herder forks only from its single event-loop
     // thread, so no lock can be held by another thread at fork.
     let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return Err(SpawnError::Fork(std::io::Error::last_os_error()));
-    }
     if pid == 0 {
         let (mut lp, mut wp) = (listen_pid, watchdog_pid);
         // SAFETY: we are the child; see above.
         unsafe { child.run(lp.as_mut(), wp.as_mut()) }
+    }
+    let fork_error = (pid < 0).then(std::io::Error::last_os_error);
+    // SAFETY: restores the mask saved above.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    if let Some(source) = fork_error {
+        return Err(SpawnError::Herder {
+            what: "fork failed",
+            source,
+        });
     }
     drop(err_w);
     match read_exec_error(&err_r) {
@@ -239,7 +295,12 @@ pub fn spawn(plan: &Plan, w: &WorkerEnv<'_>) -> Result<i32, SpawnError> {
                 STAGE_EXEC if errno == libc::ENOENT => (format!("cannot execute {shown}"), 127),
                 STAGE_EXEC => (format!("cannot execute {shown}"), 126),
                 STAGE_CREDS => ("cannot switch to --user/--group".to_string(), 126),
-                _ => ("worker setup failed".to_string(), 126),
+                _ => {
+                    return Err(SpawnError::Herder {
+                        what: "worker setup failed before exec",
+                        source,
+                    })
+                }
             };
             Err(SpawnError::Exec { what, source, code })
         }
@@ -275,6 +336,34 @@ struct ChildPlan<'a> {
     err_fd: RawFd,
     creds: Option<&'a Credentials>,
     parent: libc::pid_t,
+    nofile: Option<&'a libc::rlimit>,
+}
+
+/// A zeroed `sigset_t` (valid: it is plain data; sigemptyset/sigfillset follow).
+fn zeroed_sigset() -> libc::sigset_t {
+    // SAFETY: sigset_t is a plain array of integers; all zeroes is a valid value.
+    unsafe { std::mem::zeroed() }
+}
+
+/// Raises herder's soft RLIMIT_NOFILE to the hard limit (every worker costs herder fds) and
+/// returns the limit as it was, for the workers: like systemd, which keeps the soft limit at
+/// 1024 for programs that still use select(2). Called in `main` before anything is opened.
+pub fn raise_nofile() -> Option<libc::rlimit> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 || lim.rlim_cur >= lim.rlim_max {
+            return None;
+        }
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        (libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0).then_some(lim)
+    }
 }
 
 impl ChildPlan<'_> {
@@ -343,6 +432,11 @@ impl ChildPlan<'_> {
             {
                 fail(err_fd, STAGE_CREDS, errno());
             }
+        }
+        // The fd limit herder found, not the one it raised for itself (setrlimit is a plain
+        // system call; lowering a soft limit always succeeds).
+        if let Some(lim) = self.nofile {
+            libc::setrlimit(libc::RLIMIT_NOFILE, lim);
         }
         // Die with herder (prctl(2)). After the credential change, which would clear it. If
         // herder is already gone, don't start at all.
@@ -423,7 +517,7 @@ mod tests {
 
     #[test]
     fn missing_command_is_127_without_forking() {
-        let plan = Plan::new(&["herder-no-such-command-xyz".into()], None).unwrap();
+        let plan = Plan::new(&["herder-no-such-command-xyz".into()], None, None).unwrap();
         let err = plan.resolve().unwrap_err();
         assert_eq!(err.code(), 127);
     }

@@ -6,23 +6,94 @@ use std::time::Instant;
 use serde_json::{json, Value};
 
 use crate::listen::SocketSet;
-use crate::pool::{Phase, Pool, ReloadOutcome, State, StopWhy, Worker, WorkerId};
+use crate::pool::{fmt_dur, Phase, Pool, ReloadOutcome, State, StopWhy, Worker, WorkerId};
 
 /// The version of this document's shape; bumped on incompatible changes.
 pub const FORMAT_VERSION: u32 = 1;
 
-/// herder's state as one word.
-pub fn herder_state(pool: &Pool) -> &'static str {
+/// herder's state: the one description behind `/status`, `/readyz`, `/metrics` and the
+/// `STATUS=` line systemd shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HerderState {
+    Starting,
+    Ready,
+    Reloading,
+    LameDuck,
+    Draining,
+    GivingUp,
+    Stopping,
+    Exited,
+}
+
+impl HerderState {
+    pub fn word(self) -> &'static str {
+        match self {
+            HerderState::Starting => "starting",
+            HerderState::Ready => "ready",
+            HerderState::Reloading => "reloading",
+            HerderState::LameDuck => "lame-duck",
+            HerderState::Draining => "draining",
+            HerderState::GivingUp => "giving-up",
+            HerderState::Stopping => "stopping",
+            HerderState::Exited => "exited",
+        }
+    }
+}
+
+pub fn herder_state(pool: &Pool) -> HerderState {
     match pool.phase {
-        Phase::Running if pool.gave_up.is_some() => "giving-up",
-        Phase::Running if pool.reloading => "reloading",
-        Phase::Running if pool.is_ready() => "ready",
-        Phase::Running => "starting",
-        Phase::LameDuck { .. } => "lame-duck",
-        Phase::Draining { .. } if pool.gave_up.is_some() => "giving-up",
-        Phase::Draining { .. } => "draining",
-        Phase::Killing { .. } => "stopping",
-        Phase::Exited => "exited",
+        Phase::Running if pool.reloading => HerderState::Reloading,
+        Phase::Running if pool.is_ready() => HerderState::Ready,
+        Phase::Running => HerderState::Starting,
+        Phase::LameDuck { .. } => HerderState::LameDuck,
+        Phase::Draining { .. } if pool.gave_up.is_some() => HerderState::GivingUp,
+        Phase::Draining { .. } => HerderState::Draining,
+        Phase::Killing { .. } => HerderState::Stopping,
+        Phase::Exited => HerderState::Exited,
+    }
+}
+
+/// The one-line `STATUS=` that `systemctl status` shows.
+pub fn status_line(pool: &Pool, now: Instant) -> String {
+    let (ready, n) = (pool.ready_count(), pool.slots.len());
+    let state = herder_state(pool);
+    let line = match (state, &pool.gave_up) {
+        (HerderState::LameDuck, _) => {
+            format!("shutting down: not ready, {ready}/{n} workers still serving")
+        }
+        (HerderState::GivingUp | HerderState::Stopping | HerderState::Exited, Some(why)) => {
+            format!("gave up: {why}")
+        }
+        (HerderState::Draining | HerderState::Stopping | HerderState::Exited, _)
+        | (HerderState::GivingUp, None) => {
+            format!("draining: {} workers left", pool.workers.len())
+        }
+        (HerderState::Reloading, _) => {
+            let done = pool
+                .slots
+                .iter()
+                .filter_map(|s| s.current)
+                .filter_map(|id| pool.workers.get(&id))
+                .filter(|w| w.generation == pool.generation)
+                .count();
+            format!("reloading: {done}/{n} workers replaced, {ready}/{n} ready")
+        }
+        (HerderState::Starting | HerderState::Ready, _) => {
+            let restarts = pool.recent_restarts(now);
+            let window = fmt_dur(pool.config().restart_window);
+            let base =
+                format!("{ready}/{n} workers ready, {restarts} restarts in the last {window}");
+            match &pool.last_reload {
+                Some(ReloadOutcome::Failed { why, .. }) => format!("reload failed: {why}; {base}"),
+                _ => base,
+            }
+        }
+    };
+    match &pool.resource_error {
+        Some(e) if pool.phase.serving() => {
+            format!("{line}; herder cannot start workers: {e} (retrying)")
+        }
+        _ => line,
     }
 }
 
@@ -119,7 +190,7 @@ pub fn status_json(pool: &Pool, sockets: &SocketSet, now: Instant) -> Value {
         "herder": {
             "version": env!("CARGO_PKG_VERSION"),
             "pid": std::process::id(),
-            "state": herder_state(pool),
+            "state": herder_state(pool).word(),
             "ready": pool.is_ready(),
             "uptime_s": round(now.saturating_duration_since(pool.started_at).as_secs_f64()),
             "generation": pool.generation,
@@ -129,6 +200,7 @@ pub fn status_json(pool: &Pool, sockets: &SocketSet, now: Instant) -> Value {
             "restarts_total": pool.counters.restarts,
             "last_reload": last_reload,
             "gave_up": pool.gave_up,
+            "resource_error": pool.resource_error,
         },
         "sockets": sockets,
         "slots": slots,

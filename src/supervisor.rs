@@ -18,8 +18,9 @@ use tracing::{debug, error};
 
 use crate::health::{self, Answer, Query, Route};
 use crate::listen::SocketSet;
-use crate::notify::{self, Incoming, Manager, WorkerSocket};
-use crate::pool::{Action, Event, Phase, Pool, ReloadOutcome, Request, WorkerId};
+use crate::manager::Manager;
+use crate::notify::{self, Incoming, NotifySockets};
+use crate::pool::{Action, Blame, Event, Phase, Pool, Reaped, ReloadOutcome, Request, WorkerId};
 use crate::signals::{Meaning, Signals};
 use crate::spawn::{self, Plan, WorkerEnv};
 use crate::{control, metrics, status};
@@ -37,8 +38,8 @@ pub struct Supervisor {
     readers: HashMap<WorkerId, JoinHandle<()>>,
     tx: mpsc::Sender<Incoming>,
     rx: mpsc::Receiver<Incoming>,
-    /// Unique prefix of the workers' abstract NOTIFY_SOCKET names.
-    socket_prefix: String,
+    /// Where the workers' NOTIFY_SOCKETs are made.
+    notify: NotifySockets,
     /// `--health`: the socket, until the loop starts serving it.
     pub health: Option<std::net::TcpListener>,
     queries_tx: mpsc::Sender<Query>,
@@ -59,6 +60,7 @@ impl Supervisor {
         plan: Plan,
         manager: Option<Manager>,
         worker_uid: u32,
+        notify: NotifySockets,
     ) -> Self {
         let (tx, rx) = mpsc::channel(NOTIFY_QUEUE);
         let (queries_tx, queries) = mpsc::channel(health::MAX_CONNECTIONS);
@@ -80,7 +82,7 @@ impl Supervisor {
             readers: HashMap::new(),
             tx,
             rx,
-            socket_prefix: notify::socket_prefix(),
+            notify,
         }
     }
 
@@ -116,9 +118,14 @@ impl Supervisor {
         loop {
             while let Some(ev) = events.pop_front() {
                 let actions = self.pool.handle(ev, Instant::now());
-                if let Some(code) = self.perform(actions, &mut events) {
+                let mut spawned = Vec::new();
+                if let Some(code) = self.perform(actions, &mut spawned) {
                     self.finish();
                     return code;
+                }
+                // What became of each spawn is the pool's next news, before anything else.
+                for ev in spawned.into_iter().rev() {
+                    events.push_front(ev);
                 }
             }
             self.settle_reload_waiters();
@@ -132,9 +139,15 @@ impl Supervisor {
             tokio::select! {
                 (sig, meaning) = signals.recv() => match meaning {
                     Meaning::ChildExited => {
-                        for (pid, status) in crate::reap::reap_all() {
-                            self.reaped(pid);
-                            events.push_back(Event::Exited { pid, status });
+                        let batch: Vec<Reaped> = crate::reap::reap_all()
+                            .into_iter()
+                            .map(|(pid, status)| {
+                                self.reaped(pid);
+                                Reaped { pid, status, group_left: group_alive(pid) }
+                            })
+                            .collect();
+                        if !batch.is_empty() {
+                            events.push_back(Event::Reaped(batch));
                         }
                     }
                     Meaning::Request(r) => {
@@ -154,8 +167,8 @@ impl Supervisor {
         }
     }
 
-    /// Performs the pool's actions; results of spawns are queued as new events.
-    fn perform(&mut self, actions: Vec<Action>, events: &mut VecDeque<Event>) -> Option<i32> {
+    /// Performs the pool's actions; the result of each spawn goes into `spawned`.
+    fn perform(&mut self, actions: Vec<Action>, spawned: &mut Vec<Event>) -> Option<i32> {
         let mut exit = None;
         for action in actions {
             match action {
@@ -163,7 +176,7 @@ impl Supervisor {
                     id,
                     slot,
                     generation: _,
-                } => events.push_back(self.spawn(id, slot)),
+                } => spawned.push(self.spawn(id, slot)),
                 Action::Signal { pid, signal } => {
                     if let Err(e) = kill(Pid::from_raw(pid), signal) {
                         debug!(pid, "kill({}) failed: {e}", signal.as_str());
@@ -172,6 +185,11 @@ impl Supervisor {
                 Action::KillGroup { pid } => {
                     if killpg(Pid::from_raw(pid), Signal::SIGKILL).is_err() {
                         let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                    }
+                }
+                Action::SignalGroup { pgid, signal } => {
+                    if let Err(e) = killpg(Pid::from_raw(pgid), signal) {
+                        debug!(pgid, "killpg({}) failed: {e}", signal.as_str());
                     }
                 }
                 Action::ReleaseSlot { slot } => self.sockets.release(slot),
@@ -187,14 +205,20 @@ impl Supervisor {
     }
 
     fn spawn(&mut self, id: WorkerId, slot: usize) -> Event {
-        let failed = |code: i32, reason: String| Event::SpawnFailed { id, code, reason };
+        let failed = |code: i32, reason: String, blame: Blame| Event::SpawnFailed {
+            id,
+            code,
+            reason,
+            blame,
+        };
+        // Sockets and the notify channel are herder's part: their failures are herder's.
         let fds = match self.sockets.fds_for(slot) {
             Ok(f) => f,
-            Err(e) => return failed(126, e.to_string()),
+            Err(e) => return failed(126, e.to_string(), Blame::Herder),
         };
-        let sock = match WorkerSocket::bind(&self.socket_prefix, id) {
+        let sock = match self.notify.bind(id) {
             Ok(s) => s,
-            Err(e) => return failed(126, e.to_string()),
+            Err(e) => return failed(126, e.to_string(), Blame::Herder),
         };
         let env = WorkerEnv {
             slot,
@@ -209,7 +233,7 @@ impl Supervisor {
                 self.readers.insert(id, tokio::spawn(task));
                 Event::Spawned { id, pid }
             }
-            Err(e) => failed(e.code(), e.to_string()),
+            Err(e) => failed(e.code(), e.to_string(), e.blame()),
         }
     }
 
@@ -221,7 +245,7 @@ impl Supervisor {
             Route::Readyz if self.pool.is_ready() => Answer::text(200, "ready\n"),
             Route::Readyz => Answer::text(
                 503,
-                format!("not ready: {}\n", status::herder_state(&self.pool)),
+                format!("not ready: {}\n", status::herder_state(&self.pool).word()),
             ),
             Route::Status => {
                 let doc = status::status_json(&self.pool, &self.sockets, now);
@@ -338,5 +362,13 @@ impl Supervisor {
             let _ = std::fs::remove_file(p);
         }
         self.sockets.remove_owned_paths();
+        self.notify.remove();
     }
+}
+
+/// Whether processes are left in the process group led by `pid`, a child just reaped (a
+/// group outlives its leader while it has members; kill(2) with signal 0 only checks).
+fn group_alive(pid: i32) -> bool {
+    // (-1 would mean every process: never for pid 1 or less.)
+    pid > 1 && kill(Pid::from_raw(-pid), None).is_ok()
 }

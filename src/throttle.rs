@@ -1,6 +1,7 @@
-//! Restart throttling: the give-up rule (more than N restarts within a window) and the
-//! per-slot exponential backoff. Pure arithmetic over the `Instant`s it is given; no clock,
-//! no processes.
+//! Restart throttling: the give-up rule (more than N restarts of one slot within a window)
+//! and the per-slot delay before a restart — none after a worker that served, an exponential
+//! backoff for a start-up crash loop. Pure arithmetic over the `Instant`s it is given; no
+//! clock, no processes.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -11,19 +12,37 @@ pub const BACKOFF_START: Duration = Duration::from_millis(100);
 pub const BACKOFF_CAP: Duration = Duration::from_secs(5);
 /// A worker that lived this long was healthy: its slot's backoff starts over.
 pub const STABLE_AFTER: Duration = Duration::from_secs(10);
-/// So was one that became ready and served this long: it was no start-up crash loop, and a
-/// killed worker (OOM, kill -9) comes back after the first, short delay. A worker that keeps
-/// dying after serving a while is the restart limit's business, not the backoff's.
+/// A worker that became ready and served this long was no start-up crash loop: when it dies
+/// (OOM, kill -9) its replacement starts at once. One that keeps dying after serving a while
+/// is the restart limit's business, not the backoff's.
 pub const SERVED_AFTER: Duration = Duration::from_secs(1);
 
-/// Whether a worker's run was healthy enough to reset its slot's backoff.
-pub fn healthy_run(spawned: Instant, ready: Option<Instant>, now: Instant) -> bool {
-    now.saturating_duration_since(spawned) >= STABLE_AFTER
-        || ready.is_some_and(|r| now.saturating_duration_since(r) >= SERVED_AFTER)
+/// Whether a worker became ready and served for [`SERVED_AFTER`].
+pub fn served(ready: Option<Instant>, now: Instant) -> bool {
+    ready.is_some_and(|r| now.saturating_duration_since(r) >= SERVED_AFTER)
+}
+
+/// The delay before a slot's worker is replaced, and the slot's new count of consecutive
+/// failed starts: none for a worker that served; the first step for one that lived
+/// [`STABLE_AFTER`] without serving; the next step of the backoff otherwise.
+pub fn restart_delay(
+    failures: u32,
+    spawned: Instant,
+    ready: Option<Instant>,
+    now: Instant,
+) -> (u32, Duration) {
+    if served(ready, now) {
+        (0, Duration::ZERO)
+    } else if now.saturating_duration_since(spawned) >= STABLE_AFTER {
+        (1, backoff(1))
+    } else {
+        let failures = failures.saturating_add(1);
+        (failures, backoff(failures))
+    }
 }
 
 /// Counts restarts in a sliding window (`--restart-limit` within `--restart-window`).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Throttle {
     limit: u32,
     window: Duration,
@@ -57,9 +76,11 @@ impl Throttle {
     }
 
     /// Restarts within the window ending `now`.
-    pub fn recent(&mut self, now: Instant) -> usize {
-        self.expire(now);
-        self.restarts.len()
+    pub fn recent(&self, now: Instant) -> usize {
+        self.restarts
+            .iter()
+            .filter(|&&t| now.saturating_duration_since(t) < self.window)
+            .count()
     }
 
     pub fn window(&self) -> Duration {
@@ -112,6 +133,28 @@ mod tests {
         // 11 s later the first two are out of the window.
         assert!(t.allow(t0 + Duration::from_secs(12)));
         assert_eq!(t.recent(t0 + Duration::from_secs(12)), 1);
+    }
+
+    #[test]
+    fn a_worker_that_served_is_replaced_at_once_a_crash_loop_backs_off() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        // Ready at once, died 999 ms later: a crash loop step.
+        assert_eq!(
+            restart_delay(2, t0, Some(t0), t0 + Duration::from_millis(999)),
+            (3, Duration::from_millis(400))
+        );
+        // Served a second: no delay, and the backoff starts over.
+        assert_eq!(
+            restart_delay(5, t0, Some(t0), t0 + s(1)),
+            (0, Duration::ZERO)
+        );
+        // Never ready but lived 10 s: the first step again.
+        assert_eq!(
+            restart_delay(5, t0, None, t0 + STABLE_AFTER),
+            (1, BACKOFF_START)
+        );
+        assert_eq!(restart_delay(u32::MAX, t0, None, t0).1, BACKOFF_CAP);
     }
 
     #[test]

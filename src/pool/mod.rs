@@ -1,0 +1,483 @@
+//! The pure core: worker slots and their states, and every decision about them — start,
+//! restart, give up, roll on reload, drain on stop, scale — as `handle(event, now) -> actions`.
+//!
+//! Facts come in as past-tense [`Event`]s with the clock passed in; imperative [`Action`]s go
+//! out for the supervisor to perform. This module must never touch a process, a socket, a
+//! signal or the clock itself: that is what makes the hard logic testable with tables of cases.
+//!
+//! Each rule lives in one place: this file holds the pool, starting workers and the clock;
+//! [`exits`] what a worker's end (or `STOPPING=1`, or a missed watchdog) means for its slot;
+//! [`reload`] the rolling reload; [`stop`] stopping and scaling; [`types`] the vocabulary.
+
+mod exits;
+mod reload;
+mod stop;
+mod types;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use tracing::{debug, info, warn};
+
+pub use types::*;
+
+/// After a missed worker watchdog: SIGABRT, then SIGKILL after this long.
+pub const ABORT_GRACE: Duration = Duration::from_secs(5);
+
+/// The largest pool: `--workers`, `herder scale` and TTIN stop here.
+pub const MAX_WORKERS: usize = 100_000;
+
+pub const EXIT_CLEAN: i32 = 0;
+pub const EXIT_GAVE_UP: i32 = 1;
+pub const EXIT_KILLED: i32 = 3;
+
+/// `now + d`, for `d` from the configuration: never overflows (the flags are range-checked,
+/// and this is the second line of defence).
+pub fn later(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d)
+        .or_else(|| now.checked_add(Duration::from_secs(365 * 24 * 3600)))
+        .unwrap_or(now)
+}
+
+pub struct Pool {
+    cfg: PoolConfig,
+    pub counters: Counters,
+    pub slots: Vec<Slot>,
+    pub workers: BTreeMap<WorkerId, Worker>,
+    pids: BTreeMap<i32, WorkerId>,
+    next_id: WorkerId,
+    pub generation: u64,
+    pub reloading: bool,
+    pub last_reload: Option<ReloadOutcome>,
+    pub phase: Phase,
+    pub started_at: Instant,
+    announced_ready: bool,
+    killed_any: bool,
+    pub gave_up: Option<String>,
+    /// herder's own shortage (EMFILE, ENOMEM, …) that keeps a worker from starting, until a
+    /// spawn succeeds again.
+    pub resource_error: Option<String>,
+    /// Process groups that reaped workers left behind, and when they get SIGKILL.
+    leftovers: BTreeMap<i32, Instant>,
+    last_ready_at: Option<Instant>,
+    next_ping: Option<Instant>,
+    last_status: String,
+    out: Vec<Action>,
+    manager: Vec<ManagerMsg>,
+}
+
+impl Pool {
+    pub fn new(cfg: PoolConfig, now: Instant) -> Self {
+        let next_ping = cfg.manager_watchdog.map(|_| now);
+        let workers = cfg.workers.clamp(1, MAX_WORKERS);
+        Pool {
+            slots: (0..workers).map(|_| Slot::new(&cfg)).collect(),
+            cfg,
+            counters: Counters::default(),
+            workers: BTreeMap::new(),
+            pids: BTreeMap::new(),
+            next_id: 1,
+            generation: 1,
+            reloading: false,
+            last_reload: None,
+            phase: Phase::Running,
+            started_at: now,
+            announced_ready: false,
+            killed_any: false,
+            gave_up: None,
+            resource_error: None,
+            leftovers: BTreeMap::new(),
+            last_ready_at: None,
+            next_ping,
+            last_status: String::new(),
+            out: Vec::new(),
+            manager: Vec::new(),
+        }
+    }
+
+    pub fn config(&self) -> &PoolConfig {
+        &self.cfg
+    }
+
+    /// The one entry point: a fact in, the actions it calls for out.
+    pub fn handle(&mut self, ev: Event, now: Instant) -> Vec<Action> {
+        if self.ready_count() > 0 {
+            self.last_ready_at = Some(now);
+        }
+        match ev {
+            Event::Start => self.start(now),
+            Event::Spawned { id, pid } => self.spawned(id, pid, now),
+            Event::SpawnFailed {
+                id,
+                code,
+                reason,
+                blame,
+            } => self.spawn_failed(id, code, reason, blame, now),
+            Event::Reaped(batch) => self.reaped(batch, now),
+            Event::Message { id, msg } => self.message(id, msg, now),
+            Event::Request(r) => self.request(r, now),
+            Event::Tick => self.tick(now),
+        }
+        self.flush(now)
+    }
+
+    /// The earliest moment something is due (`None`: nothing; the loop sleeps until an event).
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let workers = self
+            .workers
+            .values()
+            .filter_map(|w| self.worker_deadline(w));
+        let slots = self.slots.iter().filter_map(|s| s.backoff_until);
+        let phase = match self.phase {
+            Phase::LameDuck { until } => Some(until),
+            _ => None,
+        };
+        workers
+            .chain(slots)
+            .chain(phase)
+            .chain(self.next_ping)
+            .chain(self.leftovers.values().copied())
+            .min()
+    }
+
+    fn worker_deadline(&self, w: &Worker) -> Option<Instant> {
+        let watchdog = self.cfg.worker_watchdog.map(|iv| later(w.last_ping, iv));
+        match w.state {
+            State::Spawning => None,
+            State::Starting { deadline } => Some(watchdog.map_or(deadline, |d| d.min(deadline))),
+            State::Ready => watchdog,
+            State::Stopping { kill_at, .. } => kill_at,
+        }
+    }
+
+    pub fn ready_count(&self) -> usize {
+        self.slots
+            .iter()
+            .filter_map(|s| s.current)
+            .filter(|id| {
+                self.workers
+                    .get(id)
+                    .is_some_and(|w| w.state == State::Ready)
+            })
+            .count()
+    }
+
+    /// `--min-ready`, never more than the pool.
+    pub fn min_ready(&self) -> usize {
+        self.cfg
+            .min_ready
+            .unwrap_or(self.slots.len())
+            .min(self.slots.len())
+            .max(1)
+    }
+
+    /// Ready for traffic: enough ready workers and not stopping (`/readyz`).
+    pub fn is_ready(&self) -> bool {
+        self.phase == Phase::Running && self.ready_count() >= self.min_ready()
+    }
+
+    pub fn worker_of_pid(&self, pid: i32) -> Option<WorkerId> {
+        self.pids.get(&pid).copied()
+    }
+
+    /// Restarts within `--restart-window`, over all slots.
+    pub fn recent_restarts(&self, now: Instant) -> usize {
+        self.slots.iter().map(|s| s.throttle.recent(now)).sum()
+    }
+
+    // --- starting workers ---------------------------------------------------------------
+
+    fn start(&mut self, now: Instant) {
+        info!(workers = self.slots.len(), "starting the pool");
+        if self.cfg.ready == ReadyMode::Notify {
+            // Tell systemd a start may take up to --ready-timeout (sd_notify(3) EXTEND_TIMEOUT_USEC).
+            self.manager.push(ManagerMsg::ExtendTimeout(
+                self.cfg
+                    .ready_timeout
+                    .saturating_add(Duration::from_secs(5)),
+            ));
+        }
+        for slot in 0..self.slots.len() {
+            self.spawn(slot, now);
+        }
+    }
+
+    /// A new worker for `slot`: its current one if it has none, else its replacement.
+    fn spawn(&mut self, slot: usize, now: Instant) -> WorkerId {
+        let id = self.next_id;
+        self.next_id += 1;
+        let generation = self.generation;
+        let w = Worker {
+            slot,
+            generation,
+            pid: None,
+            state: State::Spawning,
+            spawned_at: now,
+            ready_at: None,
+            last_ping: now,
+            status: None,
+            errno: None,
+            stop_when_spawned: None,
+        };
+        self.workers.insert(id, w);
+        let s = &mut self.slots[slot];
+        if s.current.is_none() {
+            s.current = Some(id);
+        } else {
+            s.next = Some(id);
+        }
+        self.out.push(Action::Spawn {
+            id,
+            slot,
+            generation,
+        });
+        id
+    }
+
+    fn spawned(&mut self, id: WorkerId, pid: i32, now: Instant) {
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        w.pid = Some(pid);
+        w.spawned_at = now;
+        w.last_ping = now;
+        w.state = State::Starting {
+            deadline: later(now, self.cfg.ready_timeout),
+        };
+        let (slot, generation) = (w.slot, w.generation);
+        let pending = w.stop_when_spawned.take();
+        self.pids.insert(pid, id);
+        // That number names our worker now: a group an earlier worker left under it is gone.
+        self.leftovers.remove(&pid);
+        if self.resource_error.take().is_some() {
+            info!("herder can start workers again");
+        }
+        if let Some(s) = self.slots.get_mut(slot) {
+            s.resource_failures = 0;
+        }
+        info!(slot, pid, generation, "worker spawned");
+        match pending {
+            Some(Stop::Drain(why)) => return self.stop_worker(id, why, now),
+            Some(Stop::Kill(why)) => return self.kill(id, why),
+            None => {}
+        }
+        if !self.phase.serving() {
+            // Spawned as the stop began: drain it like the others.
+            self.stop_worker(id, StopWhy::Drain, now);
+            return;
+        }
+        if self.cfg.ready == ReadyMode::Exec {
+            self.became_ready(id, now);
+        }
+    }
+
+    fn became_ready(&mut self, id: WorkerId, now: Instant) {
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        w.state = State::Ready;
+        w.ready_at = Some(now);
+        let (slot, pid) = (w.slot, w.pid.unwrap_or(0));
+        info!(slot, pid, "worker ready");
+        let s = &mut self.slots[slot];
+        s.backoff_until = None;
+        if s.next == Some(id) {
+            // Rolling reload: the new worker serves; now the old one may drain.
+            let old = s.current.replace(id);
+            s.next = None;
+            if let Some(old) = old {
+                self.stop_worker(old, StopWhy::Drain, now);
+            }
+        }
+        if self.reloading {
+            self.advance_reload(now);
+        }
+        if !self.announced_ready && !self.reloading && self.is_ready() {
+            self.announced_ready = true;
+            info!(ready = self.ready_count(), "pool ready");
+            self.manager.push(ManagerMsg::Ready);
+        }
+    }
+
+    fn message(&mut self, id: WorkerId, msg: WorkerMsg, now: Instant) {
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
+        let (slot, pid) = (w.slot, w.pid.unwrap_or(0));
+        let stopping = matches!(w.state, State::Stopping { .. });
+        match msg {
+            WorkerMsg::Ready => {
+                if matches!(w.state, State::Starting { .. }) {
+                    self.became_ready(id, now);
+                }
+            }
+            WorkerMsg::Watchdog => w.last_ping = now,
+            WorkerMsg::Status(s) => w.status = Some(s),
+            WorkerMsg::Errno(e) => w.errno = Some(e),
+            WorkerMsg::WatchdogTrigger if stopping => {
+                debug!(
+                    slot,
+                    pid, "WATCHDOG=trigger from a worker already stopping: ignored"
+                );
+            }
+            WorkerMsg::WatchdogTrigger => {
+                warn!(
+                    slot,
+                    pid, "worker asked for a watchdog failure (WATCHDOG=trigger)"
+                );
+                self.watchdog_failed(id, now);
+            }
+            WorkerMsg::Stopping => self.retiring(id, now),
+        }
+    }
+
+    // --- the clock ----------------------------------------------------------------------
+
+    fn tick(&mut self, now: Instant) {
+        if let Phase::LameDuck { until } = self.phase {
+            if now >= until {
+                info!("shutdown delay over: draining the pool");
+                self.begin_drain(EXIT_CLEAN, now);
+            }
+        }
+        let mut backoff_over = false;
+        for slot in 0..self.slots.len() {
+            let s = &mut self.slots[slot];
+            if s.backoff_until.is_some_and(|t| now >= t) {
+                s.backoff_until = None;
+                backoff_over = true;
+                if self.phase.serving() && s.current.is_none() {
+                    self.spawn(slot, now);
+                }
+            }
+        }
+        if backoff_over && self.reloading {
+            self.advance_reload(now);
+        }
+        let due: Vec<WorkerId> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| self.worker_deadline(w).is_some_and(|d| now >= d))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in due {
+            self.worker_due(id, now);
+        }
+        let groups: Vec<i32> = self
+            .leftovers
+            .iter()
+            .filter(|(_, &t)| now >= t)
+            .map(|(&g, _)| g)
+            .collect();
+        for pgid in groups {
+            self.leftovers.remove(&pgid);
+            warn!(
+                pgid,
+                "processes a worker left behind did not stop in time: killing them"
+            );
+            self.out.push(Action::SignalGroup {
+                pgid,
+                signal: Signal::SIGKILL,
+            });
+        }
+        if let (Some(at), Some(iv)) = (self.next_ping, self.cfg.manager_watchdog) {
+            if now >= at {
+                if self.healthy(now, iv) {
+                    self.manager.push(ManagerMsg::Watchdog);
+                } else {
+                    warn!("no ready worker for longer than the watchdog interval: not pinging systemd");
+                }
+                self.next_ping = Some(later(now, iv / 2));
+            }
+        }
+    }
+
+    fn worker_due(&mut self, id: WorkerId, now: Instant) {
+        let w = &self.workers[&id];
+        let (slot, pid) = (w.slot, w.pid.unwrap_or(0));
+        let watchdog_due = self
+            .cfg
+            .worker_watchdog
+            .is_some_and(|iv| now >= later(w.last_ping, iv));
+        match w.state {
+            State::Starting { deadline } if now >= deadline => {
+                warn!(
+                    slot,
+                    pid,
+                    "worker not ready within {}: killing it",
+                    fmt_dur(self.cfg.ready_timeout)
+                );
+                self.kill(id, StopWhy::ReadyTimeout);
+            }
+            State::Starting { .. } | State::Ready if watchdog_due => {
+                warn!(
+                    slot,
+                    pid,
+                    "worker missed its watchdog ({}): aborting it",
+                    fmt_dur(self.cfg.worker_watchdog.unwrap_or_default())
+                );
+                self.watchdog_failed(id, now);
+            }
+            State::Stopping {
+                why,
+                kill_at: Some(t),
+            } if now >= t => {
+                warn!(slot, pid, "worker did not exit in time: killing it");
+                if !self.phase.serving() {
+                    self.killed_any = true;
+                }
+                self.kill(id, why);
+            }
+            _ => {}
+        }
+    }
+
+    // --- reporting ----------------------------------------------------------------------
+
+    /// Whether herder should keep pinging systemd's watchdog: serving with a ready worker, or
+    /// without one for less than the interval.
+    fn healthy(&self, now: Instant, interval: Duration) -> bool {
+        if !self.phase.serving() || self.ready_count() > 0 {
+            return true;
+        }
+        let since = self
+            .last_ready_at
+            .unwrap_or_else(|| later(self.started_at, self.cfg.ready_timeout));
+        now.saturating_duration_since(since) < interval
+    }
+
+    fn flush(&mut self, now: Instant) -> Vec<Action> {
+        let status = crate::status::status_line(self, now);
+        if status != self.last_status {
+            self.last_status = status.clone();
+            self.manager.push(ManagerMsg::Status(status));
+        }
+        let mut out = std::mem::take(&mut self.out);
+        if !self.manager.is_empty() {
+            let msgs = std::mem::take(&mut self.manager);
+            // Manager messages go before an Exit, so the last STATUS= is out first.
+            let at = out
+                .iter()
+                .position(|a| matches!(a, Action::Exit(_)))
+                .unwrap_or(out.len());
+            out.insert(at, Action::Manager(msgs));
+        }
+        out
+    }
+}
+
+/// `60s`, `2m`, `500ms`: durations as the flags spell them.
+pub fn fmt_dur(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms % 1000 != 0 {
+        format!("{ms}ms")
+    } else if ms >= 120_000 && ms % 60_000 == 0 {
+        format!("{}m", ms / 60_000)
+    } else {
+        format!("{}s", ms / 1000)
+    }
+}
