@@ -6,8 +6,8 @@
 //! The channel belongs to the worker. The sockets live in a directory herder creates for
 //! itself (mode 0700; 0711 when workers run as another uid, each socket file then owned by
 //! that uid), mode 0600: only the worker's uid and root can send, and nobody can claim a
-//! name before herder binds it. Only when no directory is writable (a read-only `FROM
-//! scratch` root with no `/tmp`) do they fall back to abstract names, random per socket and
+//! name before herder binds it. Only when no directory is writable (a read-only root with
+//! no `/tmp`, `/run` or `/dev/shm`) do they fall back to abstract names, random per socket and
 //! retried on a collision; those anyone in the network namespace can reach, so there the
 //! checks below are the only defence. Every datagram's credentials are read (SO_PASSCRED):
 //! a sender in another pid namespace (pid 0), of another uid than the worker's, herder's or
@@ -86,8 +86,9 @@ pub struct NotifySockets {
 
 impl NotifySockets {
     /// Chooses the place: a fresh private directory in the first of `$RUNTIME_DIRECTORY`,
-    /// `$XDG_RUNTIME_DIR`, `/run`, `$TMPDIR` and `/tmp` where one can be made; else abstract
-    /// names. `worker` is the uid and gid workers run as. Called during setup.
+    /// `$XDG_RUNTIME_DIR`, `/run`, `$TMPDIR`, `/tmp` and `/dev/shm` (a tmpfs in containers,
+    /// even `FROM scratch` ones) where one can be made; else abstract names. `worker` is the
+    /// uid and gid workers run as. Called during setup.
     pub fn new(worker: (u32, u32)) -> NotifySockets {
         let me = nix::unistd::geteuid().as_raw();
         let owner = (worker.0 != me).then_some(worker);
@@ -100,6 +101,7 @@ impl NotifySockets {
         bases.push("/run".into());
         bases.extend(std::env::var_os("TMPDIR").map(PathBuf::from));
         bases.push("/tmp".into());
+        bases.push("/dev/shm".into());
         for base in bases.iter().filter(|b| b.is_absolute()) {
             if let Some(dir) = private_dir(base, owner.is_some()) {
                 info!(dir = %dir.display(), "worker notify sockets");

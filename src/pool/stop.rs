@@ -151,6 +151,10 @@ impl Pool {
             }
             self.out.push(Action::ReleaseSlot { slot });
         }
+        if self.slots.iter().all(|s| s.resource_failures == 0) && self.resource_error.is_some() {
+            info!("no worker is waiting for herder's resources any more");
+            self.resource_error = None;
+        }
         if self.reloading {
             self.advance_reload(now);
         }
