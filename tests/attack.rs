@@ -386,3 +386,27 @@ fn without_a_writable_directory_abstract_sockets_are_random_and_still_guarded() 
     assert_eq!(h.wait_exit(LONG).code(), Some(0));
     let _ = std::fs::remove_dir_all(&outside);
 }
+
+#[test]
+fn workers_of_another_uid_own_their_socket_and_reach_it() {
+    // --user nobody: the socket files belong to nobody (mode 0600) in a directory only
+    // searchable by others (0711); systemd-notify from the worker still counts.
+    if !prerequisites() {
+        return;
+    }
+    let mut h = Herder::start(
+        &["-w", "2", "--user", "nobody", "--ready", "notify"],
+        &["sh", "-c", "systemd-notify --ready; exec sleep 600"],
+    );
+    h.wait_line(&["pool ready"], LONG);
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    for pid in h.spawned_pids() {
+        let ns = notify_socket_of(pid);
+        let meta = std::fs::metadata(&ns).unwrap();
+        assert_eq!((meta.uid(), meta.mode() & 0o777), (65534, 0o600), "{ns}");
+        let dir = std::fs::metadata(std::path::Path::new(&ns).parent().unwrap()).unwrap();
+        assert_eq!((dir.uid(), dir.mode() & 0o777), (0, 0o711), "{ns}");
+    }
+    h.signal(libc::SIGTERM);
+    assert_eq!(h.wait_exit(LONG).code(), Some(0));
+}

@@ -30,6 +30,8 @@ def pct(x):
 def secs(x):
     if x is None:
         return "–"
+    if x < 0.01:
+        return f"{x * 1000:.1f} ms"
     return f"{x * 1000:.0f} ms" if x < 1 else f"{x:.2f} s"
 
 
@@ -157,7 +159,10 @@ def events_section(sec, what, intro):
     for k, v in sec["table"].items():
         fails = ", ".join(f"{n} {c}" for c, n in sorted((v.get("fails") or {}).items())) or "–"
         row = [v["label"], v["done"], num(v.get("ok")), num(v.get("failed")), fails,
-               num(v.get("per_event"), 2), secs(v.get("duration_median_s")),
+               num(v.get("per_event"), 2),
+               secs(v.get("duration_median_s")) if what == "reload" else
+               f"{secs(v.get('recovery_median_s', v.get('duration_median_s')))} / "
+               f"{secs(v.get('recovery_max_s'))}",
                f"{ms(v.get('p99_ms'))} / {ms(v.get('max_ms'))}"]
         if what == "reload":
             row.append(f"{mib(v.get('rss_before_kib'))} → {mib(v.get('rss_after_kib'))}")
@@ -170,7 +175,8 @@ def events_section(sec, what, intro):
         rows.append(row)
     head = ["system", what + "s", "ok", "failed", "failed by kind", f"failed per {what}",
             "median reload time (to the last old worker gone)" if what == "reload" else
-            "median time until the pool is whole", "ok requests: p99 / max latency"]
+            "time from the kill until the pool is whole: median / max",
+            "ok requests: p99 / max latency"]
     if what == "reload":
         head.append("manager RSS before → after")
     else:
@@ -278,10 +284,12 @@ def markdown(r):
     if "crash" in s:
         o += ["\n## 4. Crash under load\n\n",
               events_section(s["crash"], "kill",
-                             "Same load; kill -9 of a random worker, wait until the pool has "
-                             "{n} workers again (process table), pause, repeat {events} times. "
-                             "herder runs with `--restart-limit 100000` so that its default "
-                             "give-up (10 restarts in 60 s) does not end the section.\n")]
+                             "Same load; kill -9 of a random worker that has served at least "
+                             "1.5 s (what the OOM killer or an operator hits), wait until the "
+                             "pool has {n} workers again (process table, polled every "
+                             "millisecond from the kill), pause, repeat {events} times. herder "
+                             "runs with `--restart-limit 100000` so that its default give-up "
+                             "(10 restarts of a slot in 60 s) does not end the section.\n")]
     if "weight" in s:
         o += ["\n## 5. Weight\n\n", weight_section(s["weight"])]
     if "scale" in s:

@@ -42,7 +42,7 @@ class System:
             if not p.running():
                 raise Unavailable(f"{self.label} exited with status {p.p.returncode}: {p.tail()}")
 
-    def wait_workers(self, count, exclude=(), timeout=60.0):
+    def wait_workers(self, count, exclude=(), timeout=60.0, step=0.02):
         """Until the manager has `count` workers, none of them in `exclude`."""
         ex = set(exclude)
 
@@ -50,7 +50,7 @@ class System:
             self._check_alive()
             w = self.workers()
             return len(w) == count and not (set(w) & ex)
-        if not wait_until(ok, timeout, 0.02):
+        if not wait_until(ok, timeout, step):
             raise Unavailable(f"{self.label}: pool not back to {count} workers within {timeout:.0f}s")
 
 
