@@ -78,6 +78,17 @@ pub enum ListenError {
     NameInvalid { index: usize, count: usize },
     #[error("--reuseport: inherited fd {fd} ({name}) has no SO_REUSEPORT; set ReusePort=yes in the .socket unit")]
     NoReusePort { fd: RawFd, name: String },
+    #[error(
+        "--reuseport: inherited fd {fd} ({name}) belongs to uid {owner} but herder runs as uid \
+         {euid}; SO_REUSEPORT siblings must be bound by the socket's own uid (run herder as that \
+         user, or leave out --reuseport)"
+    )]
+    ReusePortOwner {
+        fd: RawFd,
+        name: String,
+        owner: u32,
+        euid: u32,
+    },
     #[error("cannot inspect fd {fd}: {source}")]
     Inspect { fd: RawFd, source: nix::Error },
 }
@@ -555,6 +566,27 @@ impl Listener {
     }
 }
 
+/// The kernel lets a socket join a SO_REUSEPORT group only if it is bound by the same
+/// effective uid as the group's sockets (socket(7)); otherwise `bind` says EADDRINUSE, which
+/// reads like a port clash. A socket's uid is its sockfs inode's owner (`fstat(2)` st_uid): the
+/// uid that created it, e.g. root for systemd's sockets while herder runs as a DynamicUser.
+fn check_owner(l: &Listener) -> Result<(), ListenError> {
+    let fd = l.fd.as_raw_fd();
+    let owner = nix::sys::stat::fstat(fd)
+        .map_err(|source| ListenError::Inspect { fd, source })?
+        .st_uid;
+    let euid = nix::unistd::geteuid().as_raw();
+    if owner != euid {
+        return Err(ListenError::ReusePortOwner {
+            fd,
+            name: l.name.clone(),
+            owner,
+            euid,
+        });
+    }
+    Ok(())
+}
+
 /// The sockets workers get, and with `--reuseport` one sibling set per slot (slot 0 uses the
 /// originals, so no socket in a SO_REUSEPORT group is ever left without an accepting worker).
 pub struct SocketSet {
@@ -577,6 +609,7 @@ impl SocketSet {
                         name: l.name.clone(),
                     });
                 }
+                check_owner(l)?;
             }
         }
         let fdnames = listeners
