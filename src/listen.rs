@@ -232,20 +232,27 @@ fn shown(value: &OsStr) -> String {
     out
 }
 
+/// What a LISTEN_PID or LISTEN_FDS value says.
+enum Number {
+    Is(u64),
+    /// Decimal digits, but more than u64 holds.
+    TooBig,
+    Garbage,
+}
+
 /// A number as service managers write it (`%u`): ASCII digits only — no sign, no whitespace,
-/// no `0x`. `Err(true)`: digits, but too big for u64; `Err(false)`: not a number at all.
-/// (systemd's own `sd_listen_fds()` also skips leading whitespace and takes a sign; no manager
-/// writes either, so herder refuses them with a clear error rather than guess.)
-fn decimal(value: &OsStr) -> Result<u64, bool> {
+/// no `0x`. (systemd's own `sd_listen_fds()` also skips leading whitespace and takes a sign;
+/// no manager writes either, so herder refuses them with a clear error rather than guess.)
+fn decimal(value: &OsStr) -> Number {
     let b = value.as_bytes();
     if b.is_empty() || !b.iter().all(u8::is_ascii_digit) {
-        return Err(false);
+        return Number::Garbage;
     }
     // All ASCII digits, so valid UTF-8; the only possible failure left is overflow.
-    std::str::from_utf8(b)
-        .ok()
-        .and_then(|t| t.parse().ok())
-        .ok_or(true)
+    match std::str::from_utf8(b).map(str::parse) {
+        Ok(Ok(n)) => Number::Is(n),
+        _ => Number::TooBig,
+    }
 }
 
 /// The names in LISTEN_FDNAMES, checked against the count (already bounded by
@@ -288,7 +295,7 @@ pub fn parse_env(
         return Ok(None);
     };
     let pid = match decimal(pid) {
-        Ok(p) if p > 0 && p <= u64::from(u32::MAX) => p,
+        Number::Is(p) if p > 0 && p <= u64::from(u32::MAX) => p,
         _ => return Err(ListenError::PidNotANumber { value: shown(pid) }),
     };
     if pid != u64::from(my_pid) {
@@ -297,14 +304,14 @@ pub fn parse_env(
         return Ok(None);
     }
     let count = match decimal(fds) {
-        Ok(n) if n <= MAX_LISTEN_FDS as u64 => n as usize,
-        Ok(_) | Err(true) => {
+        Number::Is(n) if n <= MAX_LISTEN_FDS as u64 => n as usize,
+        Number::Is(_) | Number::TooBig => {
             return Err(ListenError::FdsOutOfRange {
                 value: shown(fds),
                 max: MAX_LISTEN_FDS,
             })
         }
-        Err(false) => return Err(ListenError::FdsNotANumber { value: shown(fds) }),
+        Number::Garbage => return Err(ListenError::FdsNotANumber { value: shown(fds) }),
     };
     if count == 0 {
         return Ok(None);
