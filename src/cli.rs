@@ -13,6 +13,23 @@ use nix::sys::signal::Signal;
 use crate::listen::ListenSpec;
 use crate::pool::{PoolConfig, ReadyMode};
 
+/// The longest duration any flag takes: 365 days. Far longer than any sensible timeout,
+/// window or delay (a drain that may last a year is no drain), and short enough that every
+/// sum herder computes from the configuration — `Instant::now()` plus any of them,
+/// `--shutdown-delay + --drain-timeout + 5s`, `--ready-timeout + 5s`, WATCHDOG_USEC in µs —
+/// is nowhere near overflowing (`Instant` holds i64 seconds; two of these plus slack is still
+/// under tokio's ~2.2-year timer horizon). The core may rely on it for checked arithmetic.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+
+/// How [`MAX_DURATION`] reads in messages (and parses back: `humantime` takes `365d`).
+const MAX_DURATION_TEXT: &str = "365d";
+
+/// The largest pool: `--workers`, `--min-ready`, `--reload-surge`, and the control socket's
+/// `scale` bound (src/control.rs) all stop here. A pool this big is already far past what one
+/// machine's pid and fd limits allow; the bound exists so no count from outside can make
+/// herder allocate or loop without limit.
+pub const MAX_WORKERS: usize = 100_000;
+
 const EXIT_CODES: &str = "\
 Exit status:
   0  stopped cleanly: every worker drained
@@ -22,7 +39,10 @@ Exit status:
 
 Signals: TERM, INT drain the pool (a second one, or QUIT, stops at once); HUP rolls the pool
 (zero-downtime reload); TTIN / TTOU add / remove one worker; USR1, USR2 are forwarded to every
-worker.";
+worker.
+
+Durations (DUR) are humantime strings like 500ms, 30s or 2m, at most 365d. Counts
+(--workers, --min-ready, --reload-surge) are at most 100000.";
 
 /// herder: a socket-activation launcher. It takes the listening socket from systemd
 /// (LISTEN_FDS) or binds its own, and runs a supervised pool of workers that share it.
@@ -190,9 +210,27 @@ pub enum ReadyArg {
     Notify,
 }
 
+/// A humantime duration no longer than [`MAX_DURATION`] (the value parser of every DUR flag).
 fn duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s)
-        .map_err(|e| format!("'{s}' is not a duration like 500ms, 30s or 2m ({e})"))
+    match humantime::parse_duration(s) {
+        Ok(d) if d <= MAX_DURATION => Ok(d),
+        Ok(_) => Err(format!("out of range: at most {MAX_DURATION_TEXT}")),
+        // humantime's word for a number past u64, or for a fraction finer than 1ns.
+        Err(humantime::DurationError::NumberOverflow) => Err(format!(
+            "out of range: at most {MAX_DURATION_TEXT}, in steps of at least 1ns"
+        )),
+        Err(e) => Err(format!(
+            "'{s}' is not a duration like 500ms, 30s or 2m ({e})"
+        )),
+    }
+}
+
+/// A count flag's upper bound, checked in [`RunArgs::pool_config`].
+fn at_most(flag: &str, n: usize, max: usize) -> Result<(), String> {
+    if n > max {
+        return Err(format!("{flag} {n} is out of range: at most {max}"));
+    }
+    Ok(())
 }
 
 /// Parses `TERM`, `SIGTERM` or `15`.
@@ -217,11 +255,16 @@ impl RunArgs {
         if workers == 0 {
             return Err("--workers must be at least 1".into());
         }
+        at_most("--workers", workers, MAX_WORKERS)?;
         if self.reload_surge == 0 {
             return Err("--reload-surge must be at least 1".into());
         }
+        at_most("--reload-surge", self.reload_surge, MAX_WORKERS)?;
         if self.min_ready == Some(0) {
             return Err("--min-ready must be at least 1".into());
+        }
+        if let Some(n) = self.min_ready {
+            at_most("--min-ready", n, MAX_WORKERS)?;
         }
         if let Some(w) = self.worker_watchdog {
             if w < Duration::from_millis(10) {
@@ -305,6 +348,8 @@ pub fn generate(what: Generate, dir: &std::path::Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+    use std::time::Instant;
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("herder").chain(args.iter().copied()))
@@ -343,5 +388,133 @@ mod tests {
         let cli = parse(&["--drain-timeout", "500ms", "--", "x"]).unwrap();
         assert_eq!(cli.run.drain_timeout, Duration::from_millis(500));
         assert!(parse(&["--drain-timeout", "soon", "--", "x"]).is_err());
+    }
+
+    const DURATION_FLAGS: [&str; 5] = [
+        "--ready-timeout",
+        "--drain-timeout",
+        "--shutdown-delay",
+        "--restart-window",
+        "--worker-watchdog",
+    ];
+
+    #[test]
+    fn every_duration_flag_is_bounded() {
+        for flag in DURATION_FLAGS {
+            let cli = parse(&[flag, "365d", "--", "x"]).unwrap();
+            cli.run.pool_config(1).unwrap();
+            for huge in ["365d 1ns", "500000000000years", "99999999999999999999999s"] {
+                let e = parse(&[flag, huge, "--", "x"]).unwrap_err().to_string();
+                assert!(
+                    e.contains("out of range: at most 365d"),
+                    "{flag} {huge}: {e}"
+                );
+            }
+        }
+        assert!(parse(&["reload", "--timeout", "365d"]).is_ok());
+        let e = parse(&["reload", "--timeout", "366d"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("out of range"), "{e}");
+    }
+
+    #[test]
+    fn the_minimums_stay() {
+        let cli = parse(&["--worker-watchdog", "9ms", "--", "x"]).unwrap();
+        assert!(cli.run.pool_config(1).is_err());
+        let cli = parse(&["--restart-window", "0s", "--", "x"]).unwrap();
+        assert!(cli.run.pool_config(1).is_err());
+    }
+
+    #[test]
+    fn the_largest_sums_from_the_configuration_do_not_overflow() {
+        // pool.rs: now + shutdown_delay + drain_timeout + 5s (the stop budget) is the largest.
+        let budget = MAX_DURATION + MAX_DURATION + Duration::from_secs(5);
+        assert!(Instant::now().checked_add(budget).is_some());
+        assert!(
+            u64::try_from(MAX_DURATION.as_micros()).is_ok(),
+            "WATCHDOG_USEC"
+        );
+    }
+
+    #[test]
+    fn every_count_is_bounded() {
+        let max = MAX_WORKERS.to_string();
+        let over = (MAX_WORKERS + 1).to_string();
+        for flag in ["--workers", "--reload-surge", "--min-ready"] {
+            let cli = parse(&[flag, &max, "--", "x"]).unwrap();
+            cli.run.pool_config(1).unwrap();
+            let cli = parse(&[flag, &over, "--", "x"]).unwrap();
+            let e = cli.run.pool_config(1).unwrap_err();
+            assert_eq!(e, format!("{flag} {over} is out of range: at most {max}"));
+        }
+    }
+
+    #[test]
+    fn the_help_states_the_bounds() {
+        assert_eq!(
+            humantime::parse_duration(MAX_DURATION_TEXT).unwrap(),
+            MAX_DURATION
+        );
+        assert!(EXIT_CODES.contains(&format!("at most {MAX_DURATION_TEXT}")));
+        assert!(EXIT_CODES.contains(&format!("at most {MAX_WORKERS}")));
+    }
+
+    /// Strings that look like durations, so that the boundary gets hit, not only garbage.
+    fn duration_like() -> impl Strategy<Value = String> {
+        let unit = prop::sample::select(vec![
+            "ns", "us", "ms", "s", "m", "h", "d", "w", "months", "y", "years", "", "x",
+        ]);
+        let part = ("[0-9]{1,22}", prop::option::of("\\.[0-9]{1,12}"), unit)
+            .prop_map(|(n, f, u)| format!("{n}{}{u}", f.unwrap_or_default()));
+        prop::collection::vec(part, 1..4).prop_map(|p| p.join(" "))
+    }
+
+    proptest! {
+        #[test]
+        fn the_duration_parser_accepts_exactly_what_is_in_range(
+            s in prop_oneof![any::<String>(), duration_like()]
+        ) {
+            match (duration(&s), humantime::parse_duration(&s)) {
+                (Ok(d), Ok(h)) => prop_assert!(d == h && d <= MAX_DURATION),
+                (Err(e), Ok(h)) => {
+                    prop_assert!(h > MAX_DURATION, "{s}: {e}");
+                    prop_assert!(e.contains("out of range"));
+                }
+                (Err(_), Err(_)) => {}
+                (Ok(d), Err(e)) => prop_assert!(false, "{s}: {d:?} but humantime says {e}"),
+            }
+        }
+
+        #[test]
+        fn durations_round_trip_through_humantime(
+            secs in 0..=MAX_DURATION.as_secs() + 2,
+            nanos in 0..1_000_000_000u32,
+        ) {
+            let d = Duration::new(secs, nanos);
+            let text = humantime::format_duration(d).to_string();
+            if d <= MAX_DURATION {
+                prop_assert_eq!(duration(&text), Ok(d), "{}", text);
+            } else {
+                prop_assert!(duration(&text).unwrap_err().contains("out of range"));
+            }
+        }
+
+        #[test]
+        fn huge_durations_are_out_of_range(secs in MAX_DURATION.as_secs()..=u64::MAX) {
+            let text = humantime::format_duration(Duration::new(secs, 1)).to_string();
+            prop_assert!(duration(&text).unwrap_err().contains("out of range"));
+        }
+
+        #[test]
+        fn counts_are_accepted_exactly_in_range(
+            n in prop_oneof![0..=MAX_WORKERS + 2, any::<usize>()],
+            which in 0..3usize,
+        ) {
+            let flag = ["--workers", "--reload-surge", "--min-ready"][which];
+            let cli = parse(&[flag, &n.to_string(), "--", "x"]).unwrap();
+            let ok = cli.run.pool_config(1).is_ok();
+            prop_assert_eq!(ok, (1..=MAX_WORKERS).contains(&n));
+        }
     }
 }

@@ -13,22 +13,27 @@ const LAUNCHER: &str = r#"
 import os, socket, sys
 kind, fds, names = sys.argv[1], sys.argv[2], sys.argv[3]
 keep = []
-if kind in ("listening", "two"):
+if kind in ("listening", "two", "reuseport"):
     for i in range(2 if kind == "two" else 1):
-        s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(); keep.append(s)
+        s = socket.socket()
+        if kind == "reuseport":
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        s.bind(("127.0.0.1", 0)); s.listen(); keep.append(s)
         os.dup2(s.fileno(), 3 + i); os.set_inheritable(3 + i, True)
 elif kind == "file":
     f = open("/dev/null"); keep.append(f); os.dup2(f.fileno(), 3); os.set_inheritable(3, True)
 elif kind == "unlistened":
     s = socket.socket(); s.bind(("127.0.0.1", 0)); keep.append(s); os.dup2(s.fileno(), 3); os.set_inheritable(3, True)
-os.environ["LISTEN_PID"] = str(os.getpid())
+os.environ["LISTEN_PID"] = os.environ.get("PID_FORMAT", "{}").format(os.getpid())
 os.environ["LISTEN_FDS"] = fds
 if names != "-":
     os.environ["LISTEN_FDNAMES"] = names
-os.execv(sys.argv[4], sys.argv[4:])
+os.execvp(sys.argv[4], sys.argv[4:])
 "#;
 
-/// Runs herder to completion (with a deadline); its worker would print `WORKER RAN`.
+/// Runs herder to completion (with a deadline); its worker would print `WORKER RAN`. One
+/// that is still running after 5s (it took the input) gets SIGTERM, so that a stop that
+/// goes wrong with that input shows in the output; SIGKILL at 15s.
 fn run(mut cmd: Command) -> Output {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -37,10 +42,16 @@ fn run(mut cmd: Command) -> Output {
     let pid = child.id() as i32;
     let start = Instant::now();
     let watchdog = std::thread::spawn(move || {
-        while start.elapsed() < Duration::from_secs(20) {
+        let mut termed = false;
+        while start.elapsed() < Duration::from_secs(15) {
             std::thread::sleep(Duration::from_millis(50));
             if !alive(pid) {
                 return;
+            }
+            if !termed && start.elapsed() > Duration::from_secs(5) {
+                // SAFETY: kill(2) on our own child that is still running.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+                termed = true;
             }
         }
         // SAFETY: kill(2) on our own child that overstayed.
@@ -49,8 +60,10 @@ fn run(mut cmd: Command) -> Output {
     let out = child.wait_with_output().unwrap();
     watchdog.join().unwrap();
     assert!(
-        start.elapsed() < Duration::from_secs(10),
-        "setup errors are prompt"
+        start.elapsed() < Duration::from_secs(5),
+        "setup errors are prompt; herder ran on ({:?}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
     );
     out
 }
@@ -78,19 +91,17 @@ fn herder(args: &[&str]) -> Command {
 }
 
 fn inherited(kind: &str, fds: &str, names: &str) -> Command {
+    launch(kind, fds, names, &[herder_bin(), "-w", "1", "--"])
+}
+
+/// The launcher puts the fds in place, then execs `program` (herder, or something that execs
+/// herder in the same process), which gets WORKER as the command after its own arguments.
+fn launch(kind: &str, fds: &str, names: &str, program: &[&str]) -> Command {
     let mut c = Command::new("python3");
-    c.args([
-        "-c",
-        LAUNCHER,
-        kind,
-        fds,
-        names,
-        herder_bin(),
-        "-w",
-        "1",
-        "--",
-    ])
-    .args(WORKER);
+    c.args(["-c", LAUNCHER, kind, fds, names])
+        .args(program)
+        .args(WORKER);
+    c.env_remove("HERDER_LOG").env_remove("NOTIFY_SOCKET");
     c
 }
 
@@ -231,4 +242,179 @@ fn a_stale_unix_socket_file_is_replaced_and_removed_at_exit() {
     h.signal(libc::SIGTERM);
     assert_eq!(h.wait_exit(LONG).code(), Some(0));
     assert!(!path.exists(), "herder removes the socket file it created");
+}
+
+// Issue 10: no input makes herder panic; out-of-range values are usage errors.
+
+const DURATION_FLAGS: [&str; 5] = [
+    "--ready-timeout",
+    "--drain-timeout",
+    "--shutdown-delay",
+    "--restart-window",
+    "--worker-watchdog",
+];
+
+#[test]
+fn a_huge_drain_timeout_is_out_of_range() {
+    // It used to be taken, and SIGTERM then panicked: overflow when adding duration to instant.
+    assert_usage_error(
+        run(herder(&[
+            "-l",
+            "127.0.0.1:0",
+            "--drain-timeout",
+            "500000000000years",
+        ])),
+        "out of range: at most 365d",
+    );
+}
+
+#[test]
+fn every_duration_flag_is_range_checked() {
+    for flag in DURATION_FLAGS {
+        for value in ["366d", "99999999999999999999999s"] {
+            let out = run(herder(&["-l", "127.0.0.1:0", "-w", "1", flag, value]));
+            let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+            assert_usage_error(out, "out of range: at most 365d");
+            assert!(stderr.contains(flag), "{stderr}");
+        }
+    }
+    // The client too: --timeout is checked before any control socket is looked for.
+    let dir = TempDir::new("reload-timeout");
+    let sock = dir.path().join("none.sock");
+    let mut c = Command::new(herder_bin());
+    c.args(["reload", "--wait", "--timeout", "366d", "--control"])
+        .arg(&sock);
+    assert_usage_error(run(c), "out of range: at most 365d");
+}
+
+#[test]
+fn counts_over_the_maximum_are_refused() {
+    // A command that does not exist: an old herder that takes -w 100001 forks nothing.
+    let cmd = ["/nonexistent/herder-test-worker"];
+    for (flag, extra) in [
+        ("--workers", &[][..]),
+        ("--min-ready", &["-w", "1"][..]),
+        ("--reload-surge", &["-w", "1"][..]),
+    ] {
+        let mut args = vec![flag, "100001", "-l", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
+        assert_usage_error(
+            run(herder_cmd(&args, &cmd)),
+            &format!("{flag} 100001 is out of range: at most 100000"),
+        );
+    }
+}
+
+#[test]
+fn absurd_listen_fds_are_refused() {
+    for (fds, names, expect) in [
+        // Used to allocate a list of that many names: capacity overflow panic.
+        (
+            "4611686018427387904",
+            "-",
+            "LISTEN_FDS=4611686018427387904: out of range (at most 4096",
+        ),
+        ("2147483648", "-", "LISTEN_FDS=2147483648: out of range"),
+        ("4097", "-", "LISTEN_FDS=4097: out of range"),
+        ("99999999999999999999999", "-", "out of range"),
+        // Only the plain decimal digits a service manager writes.
+        ("-1", "-", "LISTEN_FDS=-1: not a number"),
+        ("+1", "-", "LISTEN_FDS=+1: not a number"),
+        (" 1", "-", "LISTEN_FDS= 1: not a number"),
+        ("1 ", "-", "LISTEN_FDS=1 : not a number"),
+        ("0x1", "-", "LISTEN_FDS=0x1: not a number"),
+    ] {
+        assert_usage_error(run(inherited("listening", fds, names)), expect);
+    }
+}
+
+#[test]
+fn absurd_listen_pid_is_refused() {
+    for (format, expect) in [
+        ("+{}", "not a number"),
+        (" {}", "not a number"),
+        ("{}0000000000000000000000", "not a number"),
+    ] {
+        let mut c = inherited("listening", "1", "-");
+        c.env("PID_FORMAT", format);
+        assert_usage_error(run(c), expect);
+    }
+}
+
+#[test]
+fn absurd_listen_fdnames_are_refused() {
+    let long = "n".repeat(100_000);
+    assert_usage_error(
+        run(inherited("listening", "1", &long)),
+        "LISTEN_FDNAMES: name 1 of 1 is 100000 bytes long (at most 255)",
+    );
+    assert_usage_error(
+        run(inherited("listening", "1", "we\tb")),
+        "LISTEN_FDNAMES: name 1 of 1 has a control or non-ASCII byte",
+    );
+    let many = ":".repeat(100_000);
+    assert_usage_error(
+        run(inherited("listening", "1", &many)),
+        "LISTEN_FDNAMES has 100001 names but LISTEN_FDS=1",
+    );
+}
+
+#[test]
+fn a_long_value_is_cut_short_in_the_message() {
+    let out = run(inherited("listening", &"7".repeat(10_000), "-"));
+    assert!(
+        out.stderr.len() < 200,
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_usage_error(out, "7777…: out of range");
+}
+
+/// The uid a SO_REUSEPORT sibling is refused to (nobody on Debian).
+const OTHER_UID: &str = "65534";
+
+#[test]
+fn reuseport_with_an_inherited_socket_of_another_uid_is_a_clear_error() {
+    if !root() {
+        eprintln!("skipped: needs root to create the socket as another uid than herder's");
+        return;
+    }
+    // systemd (root) made the socket; herder runs as DynamicUser: the kernel refuses a
+    // SO_REUSEPORT sibling bound by another uid (EADDRINUSE).
+    let setpriv = format!("--reuid={OTHER_UID}");
+    let regid = format!("--regid={OTHER_UID}");
+    let program = [
+        "setpriv",
+        &setpriv,
+        &regid,
+        "--clear-groups",
+        herder_bin(),
+        "--reuseport",
+        "-w",
+        "2",
+        "--",
+    ];
+    assert_usage_error(
+        run(launch("reuseport", "1", "http", &program)),
+        &format!(
+            "--reuseport: inherited fd 3 (http) belongs to uid 0 but herder runs as uid {OTHER_UID}; \
+             SO_REUSEPORT siblings must be bound by the socket's own uid \
+             (run herder as that user, or leave out --reuseport)"
+        ),
+    );
+}
+
+#[test]
+fn reuseport_with_an_inherited_socket_of_our_own_uid_works() {
+    // The control case: the same launcher, herder under the socket's own uid.
+    let mut c = launch(
+        "reuseport",
+        "1",
+        "http",
+        &[herder_bin(), "--reuseport", "-w", "2", "--"],
+    );
+    c.env("HERDER_LOG", "info");
+    let mut h = Herder::spawn(c);
+    h.wait_nth_line(&["WORKER RAN"], 2, LONG);
+    h.wait_line(&["listening", "name=http"], LONG);
 }
