@@ -28,7 +28,7 @@ const MAX_DURATION_TEXT: &str = "365d";
 /// `scale` bound (src/control.rs) all stop here. A pool this big is already far past what one
 /// machine's pid and fd limits allow; the bound exists so no count from outside can make
 /// herder allocate or loop without limit.
-pub const MAX_WORKERS: usize = 100_000;
+pub use crate::pool::MAX_WORKERS;
 
 const EXIT_CODES: &str = "\
 Exit status:

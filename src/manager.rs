@@ -17,9 +17,9 @@ use tracing::{debug, warn};
 
 use crate::pool::ManagerMsg;
 
-/// The longest WATCHDOG_USEC herder takes (a larger value is treated as this): a year, like
+/// The longest WATCHDOG_USEC herder takes (a larger value is treated as this): the bound of
 /// every duration herder is configured with, so that no deadline computed from it overflows.
-const MAX_WATCHDOG: Duration = Duration::from_secs(365 * 24 * 3600);
+const MAX_WATCHDOG: Duration = crate::cli::MAX_DURATION;
 
 #[derive(Debug, Error)]
 pub enum ManagerError {

@@ -399,7 +399,7 @@ fn workers_of_another_uid_own_their_socket_and_reach_it() {
         &["sh", "-c", "systemd-notify --ready; exec sleep 600"],
     );
     h.wait_line(&["pool ready"], LONG);
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::os::unix::fs::MetadataExt;
     for pid in h.spawned_pids() {
         let ns = notify_socket_of(pid);
         let meta = std::fs::metadata(&ns).unwrap();

@@ -1,0 +1,121 @@
+//! The sockets workers get: the listeners in a stable order, and with `--reuseport` one
+//! sibling set per slot, kept open across that slot's restarts.
+
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
+use super::{has_reuseport, sibling, ListenError, Listener};
+
+/// The kernel lets a socket join a SO_REUSEPORT group only if it is bound by the same
+/// effective uid as the group's sockets (socket(7)); otherwise `bind` says EADDRINUSE, which
+/// reads like a port clash. A socket's uid is its sockfs inode's owner (`fstat(2)` st_uid): the
+/// uid that created it, e.g. root for systemd's sockets while herder runs as a DynamicUser.
+fn check_owner(l: &Listener) -> Result<(), ListenError> {
+    let fd = l.fd.as_raw_fd();
+    let owner = nix::sys::stat::fstat(fd)
+        .map_err(|source| ListenError::Inspect { fd, source })?
+        .st_uid;
+    let euid = nix::unistd::geteuid().as_raw();
+    if owner != euid {
+        return Err(ListenError::ReusePortOwner {
+            fd,
+            name: l.name.clone(),
+            owner,
+            euid,
+        });
+    }
+    Ok(())
+}
+
+/// The sockets workers get, and with `--reuseport` one sibling set per slot (slot 0 uses the
+/// originals, so no socket in a SO_REUSEPORT group is ever left without an accepting worker).
+pub struct SocketSet {
+    pub listeners: Vec<Listener>,
+    reuseport: bool,
+    per_slot: Vec<Option<Vec<OwnedFd>>>,
+    fdnames: String,
+}
+
+impl SocketSet {
+    pub fn new(listeners: Vec<Listener>, reuseport: bool) -> Result<SocketSet, ListenError> {
+        if reuseport {
+            for l in listeners
+                .iter()
+                .filter(|l| l.reusable && l.owned_path.is_none())
+            {
+                if !has_reuseport(l) {
+                    return Err(ListenError::NoReusePort {
+                        fd: l.fd.as_raw_fd(),
+                        name: l.name.clone(),
+                    });
+                }
+                check_owner(l)?;
+            }
+        }
+        let fdnames = listeners
+            .iter()
+            .map(|l| l.name.as_str())
+            .collect::<Vec<_>>()
+            .join(":");
+        Ok(SocketSet {
+            listeners,
+            reuseport,
+            per_slot: Vec::new(),
+            fdnames,
+        })
+    }
+
+    pub fn fdnames(&self) -> &str {
+        &self.fdnames
+    }
+
+    /// Binds the siblings for slots `1..n` now, so that setup errors surface before any worker.
+    pub fn prepare(&mut self, slots: usize) -> Result<(), ListenError> {
+        for slot in 1..slots {
+            self.fds_for(slot)?;
+        }
+        Ok(())
+    }
+
+    /// The fds a worker of `slot` gets at 3, 4, … (in `--listen`/LISTEN_FDS order).
+    pub fn fds_for(&mut self, slot: usize) -> Result<Vec<RawFd>, ListenError> {
+        let shared = |l: &Listener| l.fd.as_raw_fd();
+        if !self.reuseport || slot == 0 {
+            return Ok(self.listeners.iter().map(shared).collect());
+        }
+        if self.per_slot.len() <= slot {
+            self.per_slot.resize_with(slot + 1, || None);
+        }
+        if self.per_slot[slot].is_none() {
+            let mut set = Vec::new();
+            for l in self.listeners.iter().filter(|l| l.reusable) {
+                set.push(sibling(l)?);
+            }
+            self.per_slot[slot] = Some(set);
+        }
+        let mut siblings = self.per_slot[slot].as_ref().expect("just filled").iter();
+        Ok(self
+            .listeners
+            .iter()
+            .map(|l| {
+                if l.reusable {
+                    siblings.next().map_or(shared(l), |s| s.as_raw_fd())
+                } else {
+                    shared(l)
+                }
+            })
+            .collect())
+    }
+
+    /// Closes a removed slot's siblings (herder's copies; a draining worker keeps its own).
+    pub fn release(&mut self, slot: usize) {
+        if let Some(s) = self.per_slot.get_mut(slot) {
+            *s = None;
+        }
+    }
+
+    pub fn remove_owned_paths(&self) {
+        for l in &self.listeners {
+            l.remove_owned_path();
+        }
+    }
+}
