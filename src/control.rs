@@ -95,7 +95,7 @@ pub fn parse(line: &str) -> Result<Command, String> {
         ) {
             (Some(0), _) => Err("scale: the pool needs at least 1 worker".into()),
             (Some(n), None) if n <= 100_000 => Ok(Command::Scale(Scale::To(n as usize))),
-            (None, Some(d)) if d.abs() <= 100_000 => Ok(Command::Scale(Scale::By(d))),
+            (None, Some(d)) if d.unsigned_abs() <= 100_000 => Ok(Command::Scale(Scale::By(d))),
             _ => Err("scale: give \"to\": N (1..100000) or \"by\": ±N".into()),
         },
         Some(other) => Err(format!("unknown command '{other}'")),
@@ -253,5 +253,83 @@ mod tests {
         assert!(parse(r#"{"v":1,"cmd":"scale","to":0}"#).is_err());
         assert!(parse(r#"{"v":1,"cmd":"scale"}"#).is_err());
         assert!(parse(r#"{"v":1,"cmd":"scale","to":-3}"#).is_err());
+    }
+
+    #[test]
+    fn an_extreme_scale_is_refused_not_a_panic() {
+        // i64::MIN.abs() overflows: a panic, which aborts herder in a release build.
+        let line = format!(r#"{{"v":1,"cmd":"scale","by":{}}}"#, i64::MIN);
+        assert!(parse(&line).is_err());
+        let line = format!(r#"{{"v":1,"cmd":"scale","to":{}}}"#, u64::MAX);
+        assert!(parse(&line).is_err());
+    }
+
+    /// A request line as the module doc specifies it (and `herder`'s client writes it).
+    fn request_line(c: &Command) -> String {
+        let mut v = match c {
+            Command::Status => json!({"cmd": "status"}),
+            Command::Reload { wait } => json!({"cmd": "reload", "wait": wait}),
+            Command::Scale(Scale::To(n)) => json!({"cmd": "scale", "to": n}),
+            Command::Scale(Scale::By(d)) => json!({"cmd": "scale", "by": d}),
+            Command::Stop { force } => json!({"cmd": "stop", "force": force}),
+        };
+        v["v"] = json!(PROTOCOL_VERSION);
+        v.to_string()
+    }
+
+    fn any_command() -> impl proptest::strategy::Strategy<Value = Command> {
+        use proptest::prelude::*;
+        prop_oneof![
+            Just(Command::Status),
+            any::<bool>().prop_map(|wait| Command::Reload { wait }),
+            any::<bool>().prop_map(|force| Command::Stop { force }),
+            (1usize..=100_000).prop_map(|n| Command::Scale(Scale::To(n))),
+            (-100_000i64..=100_000).prop_map(|d| Command::Scale(Scale::By(d))),
+        ]
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parse_never_panics_on_any_string(line in ".{0,200}") {
+            let _ = parse(&line);
+        }
+
+        #[test]
+        fn parse_never_panics_on_any_json_request(
+            cmd in proptest::prop_oneof![
+                proptest::strategy::Just("scale".to_string()),
+                proptest::strategy::Just("reload".to_string()),
+                "[a-z]{0,8}",
+            ],
+            // The edges too: uniform sampling would never draw i64::MIN.
+            to in proptest::prop_oneof![
+                proptest::strategy::Just(u64::MAX),
+                proptest::num::u64::ANY,
+                0u64..200_000,
+            ],
+            by in proptest::prop_oneof![
+                proptest::strategy::Just(i64::MIN),
+                proptest::strategy::Just(i64::MAX),
+                proptest::num::i64::ANY,
+                -200_000i64..200_000,
+            ],
+            keys in 0u8..4,
+        ) {
+            let mut v = json!({"v": 1, "cmd": cmd});
+            if keys & 1 != 0 { v["to"] = json!(to); }
+            if keys & 2 != 0 { v["by"] = json!(by); }
+            let _ = parse(&v.to_string());
+        }
+
+        #[test]
+        fn every_command_survives_the_round_trip(c in any_command(), pretty in proptest::bool::ANY) {
+            let line = request_line(&c);
+            let line = if pretty {
+                serde_json::to_string_pretty(&serde_json::from_str::<Value>(&line).unwrap()).unwrap()
+            } else {
+                line
+            };
+            proptest::prop_assert_eq!(parse(&line), Ok(c));
+        }
     }
 }
