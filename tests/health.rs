@@ -190,6 +190,43 @@ fn hostile_health_clients_do_not_stop_the_probes() {
     assert_eq!(h.wait_exit(LONG).code(), Some(0));
 }
 
+/// Everything the server sent until it closed.
+fn exchange(addr: SocketAddr, request: &[u8]) -> String {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+    s.set_read_timeout(Some(LONG)).unwrap();
+    s.write_all(request).unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).expect("read to EOF");
+    resp
+}
+
+#[test]
+fn head_gets_the_status_line_and_headers_of_get_and_no_body() {
+    let mut h = Herder::start(
+        &["--health", "127.0.0.1:0", "-w", "1"],
+        &["sh", "-c", "exec sleep 600"],
+    );
+    let health = health_addr(&mut h);
+    h.wait_line(&["pool ready"], LONG);
+    for path in ["/livez", "/readyz", "/nope"] {
+        let get = exchange(health, format!("GET {path} HTTP/1.1\r\n\r\n").as_bytes());
+        let head = exchange(health, format!("HEAD {path} HTTP/1.1\r\n\r\n").as_bytes());
+        let (get_head, body) = get.split_once("\r\n\r\n").expect("a head");
+        assert!(!body.is_empty(), "GET {path} has a body");
+        assert!(
+            get_head.contains(&format!("Content-Length: {}", body.len())),
+            "{get}"
+        );
+        assert_eq!(
+            head,
+            format!("{get_head}\r\n\r\n"),
+            "HEAD {path}: GET's status line and headers, Content-Length included, no body"
+        );
+    }
+    h.signal(libc::SIGTERM);
+    assert_eq!(h.wait_exit(LONG).code(), Some(0));
+}
+
 #[test]
 fn user_nobody_workers_serve_a_port_below_1024() {
     if !root() {
