@@ -7,24 +7,32 @@
 //! `{"v":1,"cmd":"status"}`, `{"v":1,"cmd":"reload","wait":true}`, `{"v":1,"cmd":"scale","to":4}`
 //! (or `"by":-1`), `{"v":1,"cmd":"stop","force":false}`; the answer is `{"v":1,"ok":true,…}` or
 //! `{"v":1,"ok":false,"error":"…"}`. A bad request gets an error answer, never a crash; requests
-//! are bounded in size and time, and connections in number. As with `/status`, every answer
-//! comes from the event loop, over a channel.
+//! are bounded in size ([`MAX_LINE`]) and time ([`READ_TIMEOUT`]), connections in number
+//! ([`MAX_CONNECTIONS`], accepted by [`crate::serve`]). As with `/status`, every answer comes
+//! from the event loop, over a channel.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 use thiserror::Error;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
+use crate::serve::{self, Bounds, Delivered};
+
+/// The `"v"` of every request and answer.
 pub const PROTOCOL_VERSION: u64 = 1;
+/// The longest request line, newline included.
 pub const MAX_LINE: usize = 4096;
-const MAX_CONNECTIONS: usize = 16;
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Live connections at most; one more evicts the oldest that has not sent its request, or the
+/// oldest of all. Operators run one client at a time: a few `reload --wait` beside a
+/// `status --watch` fit, and sixteen answers being written cost a few MB at worst.
+pub const MAX_CONNECTIONS: usize = 16;
+/// From accept to a complete request line; then the client gets an error answer.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Error)]
 pub enum ControlError {
@@ -134,32 +142,33 @@ pub fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener, ControlErro
     })
 }
 
-/// Accepts control connections until the runtime ends.
+/// Accepts control connections until the runtime ends. There is no deadline on a whole
+/// connection: `reload --wait` waits for as long as the reload takes.
 pub async fn serve(listener: UnixListener, tx: mpsc::Sender<Request>) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let bounds = Bounds {
+        what: "control",
+        connections: MAX_CONNECTIONS,
+        deadline: None,
+    };
     let my_uid = nix::unistd::getuid().as_raw();
-    loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let conn = match listener.accept().await {
-            Ok((c, _)) => c,
-            Err(e) => {
-                debug!("control accept failed: {e}");
-                continue;
-            }
-        };
+    serve::accept_loop(listener, bounds, move |(conn, _), delivered| {
         let tx = tx.clone();
-        tokio::spawn(async move {
-            if let Err(e) = handle(conn, tx, my_uid).await {
+        async move {
+            if let Err(e) = handle(conn, tx, my_uid, delivered).await {
                 debug!("control connection: {e}");
             }
-            drop(permit);
-        });
-    }
+        }
+    })
+    .await
 }
 
-async fn handle(conn: UnixStream, tx: mpsc::Sender<Request>, my_uid: u32) -> std::io::Result<()> {
+async fn handle(
+    conn: UnixStream,
+    tx: mpsc::Sender<Request>,
+    my_uid: u32,
+    mut delivered: Delivered,
+) -> std::io::Result<()> {
+    // unix(7) SO_PEERCRED: the credentials of the process that connected, checked first.
     let cred = conn.peer_cred()?;
     let (read, mut write) = conn.into_split();
     if cred.uid() != 0 && cred.uid() != my_uid {
@@ -177,6 +186,7 @@ async fn handle(conn: UnixStream, tx: mpsc::Sender<Request>, my_uid: u32) -> std
     let mut line = Vec::new();
     let mut reader = BufReader::new(read).take(MAX_LINE as u64 + 1);
     let read = tokio::time::timeout(READ_TIMEOUT, reader.read_until(b'\n', &mut line)).await;
+    delivered.mark();
     let answer = match read {
         Err(_) => error("timed out waiting for a request line"),
         Ok(Err(e)) => return Err(e),

@@ -3,22 +3,31 @@
 //! `HEAD` (the same status line and headers, no body).
 //!
 //! Every answer comes from the event loop itself, over a channel, so `/livez` proves the loop
-//! is alive (a wedged loop answers nothing and the probe fails). Connections are handled in
-//! their own tasks and never block the loop; hostile clients are bounded: at most
-//! [`MAX_CONNECTIONS`] at once, [`IO_TIMEOUT`] per connection, [`MAX_REQUEST`] bytes of
-//! request head. The parser is ours: four fixed routes do not justify an HTTP stack's
-//! weight in a process whose memory goal is counted in single megabytes.
+//! is alive (a wedged loop answers nothing and the probe fails). Connections are accepted by
+//! [`crate::serve`] and handled in their own tasks, never blocking the loop; hostile clients are
+//! bounded: at most [`MAX_CONNECTIONS`] at once (one more evicts the oldest that has not sent
+//! its request, so idle and slowloris clients cannot lock a probe out), [`IO_TIMEOUT`] per
+//! connection, [`MAX_REQUEST`] bytes of request head. The parser is ours: four fixed routes
+//! do not justify an HTTP stack's weight in a process whose memory goal is counted in single
+//! megabytes.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot};
 use tracing::debug;
 
-pub const MAX_CONNECTIONS: usize = 64;
+use crate::serve::{self, Bounds, Delivered};
+
+/// Live connections at most. Eviction, not this number, keeps probes answered; the number
+/// bounds what a flood costs: about 1 KB per idle connection, 10 KB at worst (a full head),
+/// so a few MB, and 512 descriptors — half the common soft limit of 1024, leaving room for
+/// the control socket's and the workers' own.
+pub const MAX_CONNECTIONS: usize = 512;
+/// A connection's whole life, accept to close: a client slower than this is cut.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest request head read; a longer one is answered 431.
 pub const MAX_REQUEST: usize = 8 * 1024;
 /// How long a probe waits for the event loop before declaring it dead.
 const LOOP_TIMEOUT: Duration = Duration::from_secs(3);
@@ -57,35 +66,32 @@ pub struct Query {
 
 /// Accepts probe connections until the runtime ends.
 pub async fn serve(listener: TcpListener, tx: mpsc::Sender<Query>) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let (conn, peer) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                debug!("health accept failed: {e}");
-                continue;
-            }
-        };
+    let bounds = Bounds {
+        what: "health",
+        connections: MAX_CONNECTIONS,
+        deadline: Some(IO_TIMEOUT),
+    };
+    serve::accept_loop(listener, bounds, move |(conn, peer), delivered| {
         let tx = tx.clone();
-        tokio::spawn(async move {
-            if let Err(e) = tokio::time::timeout(IO_TIMEOUT, handle(conn, tx))
-                .await
-                .unwrap_or(Ok(()))
-            {
+        async move {
+            if let Err(e) = handle(conn, tx, delivered).await {
                 debug!(%peer, "health connection: {e}");
             }
-            drop(permit);
-        });
-    }
+        }
+    })
+    .await
 }
 
-async fn handle(mut conn: TcpStream, tx: mpsc::Sender<Query>) -> std::io::Result<()> {
-    let head = match read_head(&mut conn).await? {
-        Some(h) => h,
-        None => return respond(&mut conn, Answer::text(431, "request too large\n"), false).await,
+async fn handle(
+    mut conn: TcpStream,
+    tx: mpsc::Sender<Query>,
+    mut delivered: Delivered,
+) -> std::io::Result<()> {
+    let head = read_head(&mut conn).await?;
+    delivered.mark();
+    let Some(head) = head else {
+        let answer = Answer::text(431, "request too large\n");
+        return respond(&mut conn, answer, false).await;
     };
     let answer = match parse(&head) {
         Err(code) => Answer::text(code, "bad request\n"),

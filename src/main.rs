@@ -15,6 +15,7 @@ mod notify;
 mod pid1;
 mod pool;
 mod reap;
+mod serve;
 mod signals;
 mod spawn;
 mod status;
