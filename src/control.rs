@@ -7,7 +7,8 @@
 //! `{"v":1,"cmd":"status"}`, `{"v":1,"cmd":"reload","wait":true}`, `{"v":1,"cmd":"scale","to":4}`
 //! (or `"by":-1`), `{"v":1,"cmd":"stop","force":false}`; the answer is `{"v":1,"ok":true,…}` or
 //! `{"v":1,"ok":false,"error":"…"}`. A bad request gets an error answer, never a crash; requests
-//! are bounded in size ([`MAX_LINE`]) and time ([`READ_TIMEOUT`]), connections in number
+//! are bounded in size ([`MAX_LINE`]) and time ([`READ_TIMEOUT`]), answers in time
+//! ([`WRITE_TIMEOUT`]: a client that never reads is dropped), connections in number
 //! ([`MAX_CONNECTIONS`], accepted by [`crate::serve`]). As with `/status`, every answer comes
 //! from the event loop, over a channel.
 
@@ -33,6 +34,9 @@ pub const MAX_LINE: usize = 4096;
 pub const MAX_CONNECTIONS: usize = 16;
 /// From accept to a complete request line; then the client gets an error answer.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// For writing the answer: a client that does not read it by then is dropped, with the
+/// answer, so it holds neither a connection nor herder's memory.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Error)]
 pub enum ControlError {
@@ -212,11 +216,22 @@ async fn handle(
     send(&mut write, &answer).await
 }
 
+/// Writes the answer line and closes, within [`WRITE_TIMEOUT`].
 async fn send(w: &mut tokio::net::unix::OwnedWriteHalf, v: &Value) -> std::io::Result<()> {
     let mut text = v.to_string();
     text.push('\n');
-    w.write_all(text.as_bytes()).await?;
-    w.shutdown().await
+    let write = async {
+        w.write_all(text.as_bytes()).await?;
+        w.shutdown().await
+    };
+    tokio::time::timeout(WRITE_TIMEOUT, write)
+        .await
+        .unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the client did not read its answer within {WRITE_TIMEOUT:?}: dropped"),
+            ))
+        })
 }
 
 #[cfg(test)]
