@@ -7,24 +7,36 @@
 //! `{"v":1,"cmd":"status"}`, `{"v":1,"cmd":"reload","wait":true}`, `{"v":1,"cmd":"scale","to":4}`
 //! (or `"by":-1`), `{"v":1,"cmd":"stop","force":false}`; the answer is `{"v":1,"ok":true,…}` or
 //! `{"v":1,"ok":false,"error":"…"}`. A bad request gets an error answer, never a crash; requests
-//! are bounded in size and time, and connections in number. As with `/status`, every answer
-//! comes from the event loop, over a channel.
+//! are bounded in size ([`MAX_LINE`]) and time ([`READ_TIMEOUT`]), answers in time
+//! ([`WRITE_TIMEOUT`]: a client that never reads is dropped), connections in number
+//! ([`MAX_CONNECTIONS`], accepted by [`crate::serve`]). As with `/status`, every answer comes
+//! from the event loop, over a channel.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 use thiserror::Error;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
+use crate::serve::{self, Bounds, Delivered};
+
+/// The `"v"` of every request and answer.
 pub const PROTOCOL_VERSION: u64 = 1;
+/// The longest request line, newline included.
 pub const MAX_LINE: usize = 4096;
-const MAX_CONNECTIONS: usize = 16;
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Live connections at most; one more evicts the oldest that has not sent its request, or the
+/// oldest of all. Operators run one client at a time: a few `reload --wait` beside a
+/// `status --watch` fit, and sixteen answers being written cost a few MB at worst.
+pub const MAX_CONNECTIONS: usize = 16;
+/// From accept to a complete request line; then the client gets an error answer.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// For writing the answer: a client that does not read it by then is dropped, with the
+/// answer, so it holds neither a connection nor herder's memory.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Error)]
 pub enum ControlError {
@@ -95,7 +107,7 @@ pub fn parse(line: &str) -> Result<Command, String> {
         ) {
             (Some(0), _) => Err("scale: the pool needs at least 1 worker".into()),
             (Some(n), None) if n <= 100_000 => Ok(Command::Scale(Scale::To(n as usize))),
-            (None, Some(d)) if d.abs() <= 100_000 => Ok(Command::Scale(Scale::By(d))),
+            (None, Some(d)) if d.unsigned_abs() <= 100_000 => Ok(Command::Scale(Scale::By(d))),
             _ => Err("scale: give \"to\": N (1..100000) or \"by\": ±N".into()),
         },
         Some(other) => Err(format!("unknown command '{other}'")),
@@ -134,32 +146,33 @@ pub fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener, ControlErro
     })
 }
 
-/// Accepts control connections until the runtime ends.
+/// Accepts control connections until the runtime ends. There is no deadline on a whole
+/// connection: `reload --wait` waits for as long as the reload takes.
 pub async fn serve(listener: UnixListener, tx: mpsc::Sender<Request>) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let bounds = Bounds {
+        what: "control",
+        connections: MAX_CONNECTIONS,
+        deadline: None,
+    };
     let my_uid = nix::unistd::getuid().as_raw();
-    loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let conn = match listener.accept().await {
-            Ok((c, _)) => c,
-            Err(e) => {
-                debug!("control accept failed: {e}");
-                continue;
-            }
-        };
+    serve::accept_loop(listener, bounds, move |(conn, _), delivered| {
         let tx = tx.clone();
-        tokio::spawn(async move {
-            if let Err(e) = handle(conn, tx, my_uid).await {
+        async move {
+            if let Err(e) = handle(conn, tx, my_uid, delivered).await {
                 debug!("control connection: {e}");
             }
-            drop(permit);
-        });
-    }
+        }
+    })
+    .await
 }
 
-async fn handle(conn: UnixStream, tx: mpsc::Sender<Request>, my_uid: u32) -> std::io::Result<()> {
+async fn handle(
+    conn: UnixStream,
+    tx: mpsc::Sender<Request>,
+    my_uid: u32,
+    mut delivered: Delivered,
+) -> std::io::Result<()> {
+    // unix(7) SO_PEERCRED: the credentials of the process that connected, checked first.
     let cred = conn.peer_cred()?;
     let (read, mut write) = conn.into_split();
     if cred.uid() != 0 && cred.uid() != my_uid {
@@ -177,6 +190,7 @@ async fn handle(conn: UnixStream, tx: mpsc::Sender<Request>, my_uid: u32) -> std
     let mut line = Vec::new();
     let mut reader = BufReader::new(read).take(MAX_LINE as u64 + 1);
     let read = tokio::time::timeout(READ_TIMEOUT, reader.read_until(b'\n', &mut line)).await;
+    delivered.mark();
     let answer = match read {
         Err(_) => error("timed out waiting for a request line"),
         Ok(Err(e)) => return Err(e),
@@ -202,11 +216,22 @@ async fn handle(conn: UnixStream, tx: mpsc::Sender<Request>, my_uid: u32) -> std
     send(&mut write, &answer).await
 }
 
+/// Writes the answer line and closes, within [`WRITE_TIMEOUT`].
 async fn send(w: &mut tokio::net::unix::OwnedWriteHalf, v: &Value) -> std::io::Result<()> {
     let mut text = v.to_string();
     text.push('\n');
-    w.write_all(text.as_bytes()).await?;
-    w.shutdown().await
+    let write = async {
+        w.write_all(text.as_bytes()).await?;
+        w.shutdown().await
+    };
+    tokio::time::timeout(WRITE_TIMEOUT, write)
+        .await
+        .unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the client did not read its answer within {WRITE_TIMEOUT:?}: dropped"),
+            ))
+        })
 }
 
 #[cfg(test)]
@@ -253,5 +278,83 @@ mod tests {
         assert!(parse(r#"{"v":1,"cmd":"scale","to":0}"#).is_err());
         assert!(parse(r#"{"v":1,"cmd":"scale"}"#).is_err());
         assert!(parse(r#"{"v":1,"cmd":"scale","to":-3}"#).is_err());
+    }
+
+    #[test]
+    fn an_extreme_scale_is_refused_not_a_panic() {
+        // i64::MIN.abs() overflows: a panic, which aborts herder in a release build.
+        let line = format!(r#"{{"v":1,"cmd":"scale","by":{}}}"#, i64::MIN);
+        assert!(parse(&line).is_err());
+        let line = format!(r#"{{"v":1,"cmd":"scale","to":{}}}"#, u64::MAX);
+        assert!(parse(&line).is_err());
+    }
+
+    /// A request line as the module doc specifies it (and `herder`'s client writes it).
+    fn request_line(c: &Command) -> String {
+        let mut v = match c {
+            Command::Status => json!({"cmd": "status"}),
+            Command::Reload { wait } => json!({"cmd": "reload", "wait": wait}),
+            Command::Scale(Scale::To(n)) => json!({"cmd": "scale", "to": n}),
+            Command::Scale(Scale::By(d)) => json!({"cmd": "scale", "by": d}),
+            Command::Stop { force } => json!({"cmd": "stop", "force": force}),
+        };
+        v["v"] = json!(PROTOCOL_VERSION);
+        v.to_string()
+    }
+
+    fn any_command() -> impl proptest::strategy::Strategy<Value = Command> {
+        use proptest::prelude::*;
+        prop_oneof![
+            Just(Command::Status),
+            any::<bool>().prop_map(|wait| Command::Reload { wait }),
+            any::<bool>().prop_map(|force| Command::Stop { force }),
+            (1usize..=100_000).prop_map(|n| Command::Scale(Scale::To(n))),
+            (-100_000i64..=100_000).prop_map(|d| Command::Scale(Scale::By(d))),
+        ]
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parse_never_panics_on_any_string(line in ".{0,200}") {
+            let _ = parse(&line);
+        }
+
+        #[test]
+        fn parse_never_panics_on_any_json_request(
+            cmd in proptest::prop_oneof![
+                proptest::strategy::Just("scale".to_string()),
+                proptest::strategy::Just("reload".to_string()),
+                "[a-z]{0,8}",
+            ],
+            // The edges too: uniform sampling would never draw i64::MIN.
+            to in proptest::prop_oneof![
+                proptest::strategy::Just(u64::MAX),
+                proptest::num::u64::ANY,
+                0u64..200_000,
+            ],
+            by in proptest::prop_oneof![
+                proptest::strategy::Just(i64::MIN),
+                proptest::strategy::Just(i64::MAX),
+                proptest::num::i64::ANY,
+                -200_000i64..200_000,
+            ],
+            keys in 0u8..4,
+        ) {
+            let mut v = json!({"v": 1, "cmd": cmd});
+            if keys & 1 != 0 { v["to"] = json!(to); }
+            if keys & 2 != 0 { v["by"] = json!(by); }
+            let _ = parse(&v.to_string());
+        }
+
+        #[test]
+        fn every_command_survives_the_round_trip(c in any_command(), pretty in proptest::bool::ANY) {
+            let line = request_line(&c);
+            let line = if pretty {
+                serde_json::to_string_pretty(&serde_json::from_str::<Value>(&line).unwrap()).unwrap()
+            } else {
+                line
+            };
+            proptest::prop_assert_eq!(parse(&line), Ok(c));
+        }
     }
 }

@@ -16,6 +16,7 @@ mod notify;
 mod pid1;
 mod pool;
 mod reap;
+mod serve;
 mod signals;
 mod spawn;
 mod status;

@@ -1,6 +1,7 @@
 //! What herder reports about itself: the JSON document behind `/status` (and `herder status`),
 //! built from the pool's state on request. Read-only: nothing here changes the pool.
 
+use std::collections::HashSet;
 use std::time::Instant;
 
 use serde_json::{json, Value};
@@ -154,7 +155,8 @@ pub fn status_json(pool: &Pool, sockets: &SocketSet, now: Instant) -> Value {
         })
         .collect();
     // Workers no slot points at: old generations draining, removed slots, retiring ones.
-    let in_slots: Vec<WorkerId> = pool
+    // A set, so that the document costs O(workers), not O(workers²).
+    let in_slots: HashSet<WorkerId> = pool
         .slots
         .iter()
         .flat_map(|s| [s.current, s.next])
@@ -163,7 +165,7 @@ pub fn status_json(pool: &Pool, sockets: &SocketSet, now: Instant) -> Value {
     let others: Vec<Value> = pool
         .workers
         .iter()
-        .filter(|(id, _)| !in_slots.contains(id))
+        .filter(|(id, _)| !in_slots.contains(*id))
         .map(|(&id, w)| {
             let mut v = worker_json(pool, id, now);
             v["slot"] = json!(w.slot);

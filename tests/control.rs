@@ -8,6 +8,7 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -290,4 +291,114 @@ fn metrics_parse_as_prometheus_text_and_move_with_the_pool() {
             Some(("reason", "drained")),
         ) == 2.0
     });
+}
+
+/// How much one write to a unix stream socket can put in flight before it blocks. unix(7):
+/// stream sockets are flow-controlled by the *sender's* SO_SNDBUF (the peer's SO_RCVBUF
+/// counts for nothing), so a client cannot shrink this; only a big answer can exceed it.
+fn unix_stream_capacity() -> usize {
+    let (a, _b) = UnixStream::pair().unwrap();
+    a.set_nonblocking(true).unwrap();
+    let chunk = vec![0u8; 1 << 20];
+    let mut n = 0;
+    while let Ok(k) = (&a).write(&chunk) {
+        n += k;
+    }
+    n
+}
+
+fn request_status(sock: &Path) -> UnixStream {
+    let mut s = UnixStream::connect(sock).unwrap();
+    s.write_all(b"{\"v\":1,\"cmd\":\"status\"}\n").unwrap();
+    s
+}
+
+/// Reads to EOF (or an error: a reset is an end too); what came.
+fn read_all(s: &mut UnixStream) -> Vec<u8> {
+    s.set_read_timeout(Some(LONG)).unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    got
+}
+
+#[test]
+fn clients_that_never_read_their_answer_are_dropped_and_block_no_one() {
+    let dir = TempDir::new("ctl-unread");
+    let sock = dir.path().join("herder.sock");
+    // A pool big enough for `status` to outgrow the socket's buffer (~160 bytes a worker).
+    let workers = 2000;
+    let mut cmd = herder_cmd(
+        &[
+            "--control",
+            sock.to_str().unwrap(),
+            "-w",
+            &workers.to_string(),
+        ],
+        &["sleep", "600"],
+    );
+    // One notify socket per worker in herder: more descriptors than the usual 1024.
+    // SAFETY: setrlimit(2) is async-signal-safe; it only changes the child's own limit.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: 8192,
+                rlim_max: 8192,
+            };
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            Ok(())
+        });
+    }
+    let mut h = Herder::spawn(cmd);
+    h.wait_line(&["pool ready"], 3 * LONG);
+    let full = read_all(&mut request_status(&sock)).len();
+    let capacity = unix_stream_capacity();
+    assert!(
+        full > capacity + 64 * 1024,
+        "the answer ({full} bytes) must not fit in a socket's buffer ({capacity} bytes)"
+    );
+
+    // More clients than herder serves at once ask, and never read.
+    let mut stuck: Vec<UnixStream> = (0..20).map(|_| request_status(&sock)).collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let start = Instant::now();
+    let out = client(&sock, &["status"]);
+    assert!(
+        out.status.success(),
+        "a normal client is answered: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "answered in {:?}",
+        start.elapsed()
+    );
+
+    // Connected, says nothing: cut at the read deadline (5 s), with a reason.
+    let mut silent = UnixStream::connect(&sock).unwrap();
+    let start = Instant::now();
+    let said = String::from_utf8(read_all(&mut silent)).unwrap();
+    let took = start.elapsed();
+    assert!(
+        said.contains("timed out waiting for a request line"),
+        "{said}"
+    );
+    assert!(
+        took >= Duration::from_secs(4) && took < Duration::from_secs(10),
+        "cut after {took:?}"
+    );
+
+    // Past the write deadline (5 s) the unread answers are gone: what is left to read is
+    // what the socket held, not the whole answer.
+    for (i, s) in stuck.iter_mut().enumerate() {
+        let got = read_all(s);
+        // (The answer's size varies by a few bytes: uptimes.)
+        assert!(
+            got.len() + 32 * 1024 < full,
+            "client {i} still got its whole answer ({} of {full} bytes): herder kept writing",
+            got.len()
+        );
+    }
+    assert!(client(&sock, &["status"]).status.success());
+    h.signal(libc::SIGTERM);
+    assert_eq!(h.wait_exit(LONG).code(), Some(0));
 }
