@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{json, Value};
+
+use crate::pool::MAX_WORKERS;
 use thiserror::Error;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -106,9 +108,13 @@ pub fn parse(line: &str) -> Result<Command, String> {
             v.get("by").and_then(Value::as_i64),
         ) {
             (Some(0), _) => Err("scale: the pool needs at least 1 worker".into()),
-            (Some(n), None) if n <= 100_000 => Ok(Command::Scale(Scale::To(n as usize))),
-            (None, Some(d)) if d.unsigned_abs() <= 100_000 => Ok(Command::Scale(Scale::By(d))),
-            _ => Err("scale: give \"to\": N (1..100000) or \"by\": ±N".into()),
+            (Some(n), None) if n <= MAX_WORKERS as u64 => Ok(Command::Scale(Scale::To(n as usize))),
+            (None, Some(d)) if d.unsigned_abs() <= MAX_WORKERS as u64 => {
+                Ok(Command::Scale(Scale::By(d)))
+            }
+            _ => Err(format!(
+                "scale: give \"to\": N (1..{MAX_WORKERS}) or \"by\": ±N"
+            )),
         },
         Some(other) => Err(format!("unknown command '{other}'")),
         None => Err("missing \"cmd\"".into()),
