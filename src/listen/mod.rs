@@ -4,8 +4,8 @@
 //! Sockets are created blocking and close-on-exec. This module must never set O_NONBLOCK on a
 //! listening socket (the open file description is shared with every worker) and never accept.
 //!
-//! One file per concern: [`spec`] (what `--listen` says), [`inherit`] (what LISTEN_* say),
-//! [`bind`] (binding, and `--reuseport` siblings), [`set`] (the sockets each slot gets).
+//! One file per concern: [`spec`] (what `--listen` says), [`mod@inherit`] (what LISTEN_* say),
+//! [`mod@bind`] (binding, and `--reuseport` siblings), [`set`] (the sockets each slot gets).
 
 mod bind;
 mod inherit;
