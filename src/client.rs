@@ -114,7 +114,19 @@ pub fn run(ask: Ask, path: Option<PathBuf>) -> i32 {
     let path = resolve(path);
     let (request, timeout) = match &ask {
         Ask::Status { .. } => (json!({"cmd": "status"}), Some(Duration::from_secs(10))),
-        Ask::Reload { wait, timeout } => (json!({"cmd": "reload", "wait": wait}), *timeout),
+        // Without --wait the answer is immediate; with it, as long as the reload (or --timeout;
+        // 0s means do not wait at all: set_read_timeout refuses a zero).
+        Ask::Reload { wait: false, .. } => (
+            json!({"cmd": "reload", "wait": false}),
+            Some(Duration::from_secs(10)),
+        ),
+        Ask::Reload {
+            wait: true,
+            timeout,
+        } => (
+            json!({"cmd": "reload", "wait": true}),
+            timeout.map(|t| t.max(Duration::from_millis(1))),
+        ),
         Ask::Scale { to } => (scale_request(to), Some(Duration::from_secs(10))),
         Ask::Stop { force } => (
             json!({"cmd": "stop", "force": force}),
