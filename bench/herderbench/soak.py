@@ -258,7 +258,7 @@ def role_probe(port, want_idle):
             with lock:
                 target[0] = n
                 if n == 0:      # answered once every idle connection is closed
-                    applied.wait_for(lambda: not held, 15)
+                    applied.wait_for(lambda: not held, 8)
                 print(f"ok {len(held)}", flush=True)
         elif cmd[:1] == ["quit"]:
             break
@@ -832,7 +832,7 @@ class Soak:
         """Chaos stopped (or paused): pool back to POOL, idle connections closed, herder at
         rest; then its fds and RSS."""
         t = time.monotonic()
-        outcome, answer = self.control(f'{{"v":1,"cmd":"scale","to":{POOL}}}\n'.encode())
+        outcome, answer = self.control(f'{{"v":1,"cmd":"scale","to":{POOL}}}\n'.encode(), 5)
         if outcome == "answered ok":
             self.size = POOL
             self.r["scale"]["to"] += 1
@@ -840,7 +840,7 @@ class Soak:
             self.r["scale_errors"] += 1
             self.event(f"{label}: scale to {POOL} over the control socket: {outcome} {answer}")
         if self.probe and "idle" not in self.without:
-            if self.probe.ask("idle 0") is None:
+            if self.probe.ask("idle 0", 10) is None:
                 self.event(f"{label}: the probe child did not close its idle connections")
         whole, settled, last = self.wait_whole(timeout)
         m = self.measure() if self.herder_alive() else {}
@@ -968,7 +968,7 @@ class Soak:
     def run(self):
         total = self.minutes * 60
         warmup = min(60.0, max(5.0, total * 0.2))
-        settle = 20 if total <= 90 else 45   # deadline for the pool to be whole again
+        settle = 15 if total <= 90 else 45   # deadline for the pool to be whole again
         self.died = False
         self.start_herder()
         self.r["herder_nofile"] = nofile_limit(self.hpid)
@@ -985,8 +985,8 @@ class Soak:
         baseline = {}
         if not self.gate.stopped:
             self.event("warm-up done: pausing the chaos for the baseline")
-            if not self.gate.pause(self.chaos_threads, 30):
-                self.event("not every chaos thread paused within 30 s")
+            if not self.gate.pause(self.chaos_threads, LOAD_TIMEOUT + 5):
+                self.event(f"not every chaos thread paused within {LOAD_TIMEOUT + 5:.0f} s")
             baseline = self.quiesce("baseline", settle)
             if self.probe and "idle" not in self.without:
                 self.probe.ask(f"idle {IDLE_CONNS}", 5)
@@ -1218,6 +1218,9 @@ def run(ctx, minutes, out, without=()):
         pass
     try:
         result = soak.run()
+    except RuntimeError as e:       # herder did not start: nothing to soak
+        print(f"soak: FAIL ({e})")
+        return 1
     finally:
         soak.gate.stop()
         log = getattr(soak, "herder_log", None)
