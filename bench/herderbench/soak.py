@@ -467,11 +467,10 @@ def nobody_python():
 
 
 class Soak:
-    def __init__(self, ctx, minutes, out, without):
+    def __init__(self, ctx, minutes, without):
         self.ctx = ctx
         self.log = ctx.log
         self.minutes = minutes
-        self.out = out
         self.without = set(without)
         self.gate = Gate()
         self.lock = threading.Lock()
@@ -506,14 +505,13 @@ class Soak:
         except ValueError:
             return None
 
-    def control(self, line, timeout=10.0, send=True):
+    def control(self, line, timeout=10.0):
         """One control-socket exchange; the outcome kind and the answer (or None)."""
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
                 s.settimeout(timeout)
                 s.connect(self.control_path)
-                if send:
-                    s.sendall(line)
+                s.sendall(line)
                 data = b""
                 while True:
                     chunk = s.recv(4096)
@@ -1204,7 +1202,7 @@ def run(ctx, minutes, out, without=()):
     """bench/run --soak: runs the soak, writes soak.json and soak.md into out, prints the
     summary; returns the exit status (0 only on PASS)."""
     import shutil
-    soak = Soak(ctx, minutes, out, without)
+    soak = Soak(ctx, minutes, without)
     machine = {"date": time.strftime("%Y-%m-%d %H:%M %Z"),
                "loadavg": open("/proc/loadavg").read().split()[:3]}
     try:
