@@ -175,10 +175,23 @@ fn every_fork_runs_with_all_signals_blocked() {
     .args(["-w", "3", "--", "sleep", "600"])
     .env("HERDER_LOG", "info");
     let mut h = Herder::spawn(cmd);
+    /// Stops the traced herder however the test ends (strace detaches when it is killed, and
+    /// would leave herder running).
+    struct Stop(i32);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            // SAFETY: kill(2) on the herder this test started (strace's child).
+            unsafe { libc::kill(self.0, libc::SIGTERM) };
+        }
+    }
+    let mut pid = 0;
+    eventually("strace to start herder", LONG, || {
+        pid = children_of(h.pid()).first().copied().unwrap_or(0);
+        pid != 0
+    });
+    let herder = Stop(pid);
     h.wait_line(&["pool ready"], LONG);
-    let herder = children_of(h.pid())[0];
-    // SAFETY: kill(2) on the herder this test started (strace's child).
-    unsafe { libc::kill(herder, libc::SIGTERM) };
+    drop(herder); // TERM now: the trace is complete once herder has exited
     h.wait_exit(LONG);
     let text = std::fs::read_to_string(&trace).unwrap();
     let lines: Vec<&str> = text.lines().collect();
