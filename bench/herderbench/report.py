@@ -296,6 +296,7 @@ def markdown(r):
         o += ["\n## 6. Scale and reaction\n\n", scale_section(s["scale"])]
     if "fairness" in s:
         o += ["\n## 7. Fairness\n\n", fairness_section(s["fairness"])]
+    o.append(soak_section())
     o.append("\nRaw numbers: `results.json` next to this file when kept (bench/out/ for "
              "--quick runs). How to rerun and caveats: bench/README.md.\n")
     return "".join(o)
@@ -380,6 +381,18 @@ def svg(r):
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{y + 20}" '
             f'font-family="sans-serif">\n<rect width="100%" height="100%" fill="white"/>\n'
             + "\n".join(body) + "\n" + foot + "\n</svg>\n")
+
+
+def soak_section():
+    """The last full chaos soak (`bench/run --soak`, 10 minutes), committed as bench/soak.md
+    (and soak.json): a run of its own, so it is carried into every RESULTS.md as section 8."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "soak.md")
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return ""
+    return "\n" + text.replace("## Chaos soak", "## 8. Chaos soak", 1).rstrip() + "\n"
 
 
 def write(results, out):
