@@ -92,6 +92,7 @@ impl Supervisor {
             Ok(s) => s,
             Err(e) => {
                 error!("cannot install signal handlers: {e}");
+                self.finish();
                 return crate::EXIT_USAGE;
             }
         };
