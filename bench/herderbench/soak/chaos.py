@@ -20,7 +20,7 @@ import time
 from . import CONTROL_EVERY, CONTROL_HELD, HUP_BURST, HUP_EVERY, HUP_SPREAD, KILL_EVERY, \
     LOAD_PAUSE, LOAD_TIMEOUT, NOTIFY_EVERY, SCALE_EVERY, SCALE_MAX, SCALE_MIN, SLEEP_SHARE
 from .procfs import proc_state
-from .roles import bump, errname
+from .roles import bump, errname, fetch
 
 
 class Gate:
@@ -92,15 +92,7 @@ class Chaos:
 
     def request(self, path):
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=LOAD_TIMEOUT) as s:
-                s.sendall(f"GET {path} HTTP/1.1\r\nHost: soak\r\nConnection: close\r\n\r\n"
-                          .encode())
-                data = b""
-                while True:
-                    chunk = s.recv(4096)
-                    if not chunk:
-                        break
-                    data += chunk
+            data = fetch(self.port, path, LOAD_TIMEOUT)
         except ConnectionRefusedError:
             return "refused"
         except socket.timeout:

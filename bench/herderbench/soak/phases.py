@@ -22,21 +22,13 @@ from ..procs import Proc, free_port
 from .chaos import Chaos, Gate
 from .checks import checks
 from .procfs import fd_info, nofile_limit, proc_children, proc_state, vm_kib
-from .roles import Child, errname, nobody_python, raise_nofile
+from .roles import Child, errname, fetch, nobody_python, raise_nofile
 
 
 def http(port, path, timeout):
     """(status code, body) of one GET, or (None, reason)."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-            s.sendall(f"GET {path} HTTP/1.1\r\nHost: herder\r\nConnection: close\r\n\r\n"
-                      .encode())
-            data = b""
-            while True:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
+        data = fetch(port, path, timeout)
     except OSError as e:
         return None, errname(e)
     head, _, body = data.partition(b"\r\n\r\n")
@@ -339,8 +331,10 @@ class Soak(Chaos):
                  "dropped foreign senders": 0, "dropped oversized": 0, "errors": 0,
                  "panics": 0, "error_examples": []}
         pats = (("worker is stopping on its own", "acted on STOPPING=1"),
+                ("said STOPPING=1 before it had served", "acted on STOPPING=1"),
                 ("asked for a watchdog failure", "acted on WATCHDOG=trigger"),
-                ("outside the worker's tree", "dropped foreign senders"),
+                ("may not speak for the worker", "dropped foreign senders"),
+                ("outside the worker's tree", "dropped foreign senders"),  # herder before 0.2
                 ("dropping an oversized notification", "dropped oversized"),
                 ("panicked", "panics"))
         try:

@@ -113,23 +113,30 @@ def role_helper(fds_per_dgram):
         print(json.dumps(out), flush=True)
 
 
+def fetch(port, path, timeout):
+    """The raw answer to one `GET path` (Connection: close) on 127.0.0.1:port, read until the
+    peer closes. `timeout` bounds the whole exchange; errors are the socket's (OSError, with
+    socket.timeout for the deadline). The one HTTP client of the soak: load, probes, /status."""
+    deadline = time.monotonic() + timeout
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: herder\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout()
+            s.settimeout(left)
+            chunk = s.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
+
+
 def _probe_once(port, path, timeout):
     """One GET on the health port; (answered, kind, seconds). Any HTTP status is an answer."""
     t0 = time.monotonic()
-    deadline = t0 + timeout
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-            s.sendall(f"GET {path} HTTP/1.1\r\nHost: herder\r\n\r\n".encode())
-            data = b""
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise socket.timeout()
-                s.settimeout(left)
-                chunk = s.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
+        data = fetch(port, path, timeout)
         took = time.monotonic() - t0
         if not data.startswith(b"HTTP/1.1 "):
             return False, "no HTTP answer", took
