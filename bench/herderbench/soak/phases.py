@@ -334,7 +334,7 @@ class Soak(Chaos):
                 ("said STOPPING=1 before it had served", "acted on STOPPING=1"),
                 ("asked for a watchdog failure", "acted on WATCHDOG=trigger"),
                 ("may not speak for the worker", "dropped foreign senders"),
-                ("outside the worker's tree", "dropped foreign senders"),  # herder before 0.2
+                ("outside the worker's tree", "dropped foreign senders"),  # the previous wording
                 ("dropping an oversized notification", "dropped oversized"),
                 ("panicked", "panics"))
         try:
