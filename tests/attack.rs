@@ -332,15 +332,18 @@ fn without_a_writable_directory_abstract_sockets_are_random_and_still_guarded() 
     if !prerequisites() {
         return;
     }
-    // The test's own files go outside the directories remounted read-only.
-    let outside = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("atk-ro-{}", std::process::id()));
-    std::fs::create_dir_all(&outside).unwrap();
-    let go = outside.join("go");
+    // /run, /tmp and /dev/shm become read-only in a mount namespace of herder's own: still
+    // there (the binaries and this test's files may live under /tmp), but nothing can be
+    // created in them.
+    let dir = TempDir::new("atk-ro");
+    let go = dir.path().join("go");
+    let ro = |d: &str| format!("mount --bind {d} {d} && mount -o remount,bind,ro {d}");
     let script = format!(
-        "mount -t tmpfs -o ro tmpfs /run && mount -t tmpfs -o ro tmpfs /tmp && \
-         mount -t tmpfs -o ro tmpfs /dev/shm && exec {} -w 2 --ready notify -- sh -c \
+        "{} && {} && {} && exec {} -w 2 --ready notify -- sh -c \
          'while [ ! -e {} ]; do sleep 0.05; done; systemd-notify --ready; exec sleep 600'",
+        ro("/run"),
+        ro("/tmp"),
+        ro("/dev/shm"),
         herder_bin(),
         go.display()
     );
@@ -384,7 +387,6 @@ fn without_a_writable_directory_abstract_sockets_are_random_and_still_guarded() 
     assert!(h.count(&["WATCHDOG=trigger"]) == 0 && h.count(&["worker exited"]) == 0);
     h.signal(libc::SIGTERM);
     assert_eq!(h.wait_exit(LONG).code(), Some(0));
-    let _ = std::fs::remove_dir_all(&outside);
 }
 
 #[test]
