@@ -96,8 +96,10 @@ fn a_worker_gets_exactly_the_documented_environment_and_fds() {
     for (slot, &pid) in pids.iter().enumerate() {
         // Wait for the shell to exec sleep, and for the dynamic loader to close libc.
         let comm = |pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        // The new comm shows a moment before the new environment does (execve sets the name,
+        // then builds the stack): wait for both.
         eventually("the worker to exec sleep", LONG, || {
-            comm(pid).trim() == "sleep"
+            comm(pid).trim() == "sleep" && !environ(pid).is_empty()
         });
         let nums = |pid| fd_links(pid).iter().map(|f| f.0).collect::<Vec<i32>>();
         eventually(
@@ -185,8 +187,10 @@ fn listen_pid_is_the_worker_own_pid_under_systemd_socket_activate() {
     h.wait_line(&["pool ready"], LONG);
     for pid in h.spawned_pids() {
         let comm = |pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        // The new comm shows a moment before the new environment does (execve sets the name,
+        // then builds the stack): wait for both.
         eventually("the worker to exec sleep", LONG, || {
-            comm(pid).trim() == "sleep"
+            comm(pid).trim() == "sleep" && !environ(pid).is_empty()
         });
         let env = environ(pid);
         assert!(env.contains(&format!("LISTEN_PID={pid}")), "{env:?}");
