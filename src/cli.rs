@@ -97,6 +97,19 @@ pub enum Command {
         #[command(flatten)]
         control: ControlArg,
     },
+    /// Re-execute herder's own binary in place (after a package upgrade): the same PID, the
+    /// same sockets, the same running workers. Workers are not restarted: `reload` does that.
+    Upgrade {
+        /// Wait until the new binary runs the pool: exit 0 then, 1 with the reason if it could
+        /// not (the old one keeps running).
+        #[arg(long)]
+        wait: bool,
+        /// With --wait, give up waiting after this long.
+        #[arg(long, value_parser = duration, value_name = "DUR")]
+        timeout: Option<Duration>,
+        #[command(flatten)]
+        control: ControlArg,
+    },
     /// Write the man page or shell completions into DIR (used by packaging).
     #[command(hide = true)]
     Generate {
@@ -198,6 +211,12 @@ pub struct RunArgs {
     /// [default: $RUNTIME_DIRECTORY/herder.sock under systemd, else none]
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
+
+    /// Say whether this binary can take over a running herder's state of this format (exit 0)
+    /// or not (exit 1): the preflight of `herder upgrade`, run on the new binary with the
+    /// running herder's own arguments.
+    #[arg(long, value_name = "FORMAT", hide = true)]
+    pub upgrade_check: Option<u32>,
 
     /// The program every worker runs, and its arguments.
     #[arg(last = true, required = true, value_name = "COMMAND")]

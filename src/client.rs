@@ -1,4 +1,5 @@
-//! The client side of the control socket: `herder status`, `reload`, `scale`, `stop`. Each
+//! The client side of the control socket: `herder status`, `reload`, `scale`, `stop`,
+//! `upgrade`. Each
 //! sends one request line, prints the answer, and exits 0 on success, 1 when herder said no
 //! (a failed reload, a refused request), 2 when it cannot reach herder at all.
 
@@ -25,6 +26,10 @@ pub enum Ask {
     },
     Stop {
         force: bool,
+    },
+    Upgrade {
+        wait: bool,
+        timeout: Option<Duration>,
     },
 }
 
@@ -128,6 +133,15 @@ pub fn run(ask: Ask, path: Option<PathBuf>) -> i32 {
             timeout.map(|t| t.max(Duration::from_millis(1))),
         ),
         Ask::Scale { to } => (scale_request(to), Some(Duration::from_secs(10))),
+        // The preflight runs before any answer (up to 5 s); with --wait the new image answers.
+        Ask::Upgrade { wait, timeout } => (
+            json!({"cmd": "upgrade", "wait": wait}),
+            if *wait {
+                timeout.map(|t| t.max(Duration::from_millis(1)))
+            } else {
+                Some(Duration::from_secs(30))
+            },
+        ),
         Ask::Stop { force } => (
             json!({"cmd": "stop", "force": force}),
             Some(Duration::from_secs(10)),
@@ -152,6 +166,14 @@ pub fn run(ask: Ask, path: Option<PathBuf>) -> i32 {
             println!("reload started: generation {}", answer["generation"])
         }
         Ask::Scale { .. } => println!("pool size: {}", answer["workers"]),
+        Ask::Upgrade { wait: true, .. } => println!(
+            "upgraded: herder {} pid {} runs the pool",
+            text(&answer["version"]),
+            text(&answer["pid"])
+        ),
+        Ask::Upgrade { wait: false, .. } => {
+            println!("upgrade started: executing {}", text(&answer["upgrading"]))
+        }
         Ask::Stop { force } => println!(
             "{}",
             if force {
@@ -207,6 +229,13 @@ pub fn table(st: &Value) -> String {
             out += &format!(": {}", text(why));
         }
         out.push('\n');
+    }
+    if let Some(u) = h["last_upgrade"].as_object() {
+        out += &format!(
+            "last upgrade: {} ago, from {}\n",
+            uptime(&u["ago_s"]),
+            text(&u["from"])
+        );
     }
     if !h["gave_up"].is_null() {
         out += &format!("gave up: {}\n", text(&h["gave_up"]));

@@ -5,13 +5,15 @@
 //!
 //! The protocol is one JSON object per line each way, versioned by `"v"`:
 //! `{"v":1,"cmd":"status"}`, `{"v":1,"cmd":"reload","wait":true}`, `{"v":1,"cmd":"scale","to":4}`
-//! (or `"by":-1`), `{"v":1,"cmd":"stop","force":false}`; the answer is `{"v":1,"ok":true,…}` or
+//! (or `"by":-1`), `{"v":1,"cmd":"stop","force":false}`, `{"v":1,"cmd":"upgrade","wait":true}`
+//! (answered by the new image when it waits); the answer is `{"v":1,"ok":true,…}` or
 //! `{"v":1,"ok":false,"error":"…"}`. A bad request gets an error answer, never a crash; requests
 //! are bounded in size ([`MAX_LINE`]) and time ([`READ_TIMEOUT`]), answers in time
 //! ([`WRITE_TIMEOUT`]: a client that never reads is dropped), connections in number
 //! ([`MAX_CONNECTIONS`], accepted by [`crate::serve`]). As with `/status`, every answer comes
 //! from the event loop, over a channel.
 
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -57,9 +59,17 @@ pub enum ControlError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     Status,
-    Reload { wait: bool },
+    Reload {
+        wait: bool,
+    },
     Scale(Scale),
-    Stop { force: bool },
+    Stop {
+        force: bool,
+    },
+    /// `herder upgrade`: re-exec herder in place; with `wait`, the new image answers.
+    Upgrade {
+        wait: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +82,8 @@ pub enum Scale {
 pub struct Request {
     pub command: Command,
     pub reply: oneshot::Sender<Value>,
+    /// The client's connection, for an answer that a later image gives (`upgrade --wait`).
+    pub conn: Option<RawFd>,
 }
 
 pub fn error(msg: impl std::fmt::Display) -> Value {
@@ -103,6 +115,7 @@ pub fn parse(line: &str) -> Result<Command, String> {
         Some("stop") => Ok(Command::Stop {
             force: flag("force"),
         }),
+        Some("upgrade") => Ok(Command::Upgrade { wait: flag("wait") }),
         Some("scale") => match (
             v.get("to").and_then(Value::as_u64),
             v.get("by").and_then(Value::as_i64),
@@ -180,6 +193,7 @@ async fn handle(
 ) -> std::io::Result<()> {
     // unix(7) SO_PEERCRED: the credentials of the process that connected, checked first.
     let cred = conn.peer_cred()?;
+    let fd = conn.as_raw_fd();
     let (read, mut write) = conn.into_split();
     if cred.uid() != 0 && cred.uid() != my_uid {
         warn!(
@@ -211,7 +225,12 @@ async fn handle(
             Err(e) => error(e),
             Ok(command) => {
                 let (reply, rx) = oneshot::channel();
-                if tx.send(Request { command, reply }).await.is_err() {
+                let request = Request {
+                    command,
+                    reply,
+                    conn: Some(fd),
+                };
+                if tx.send(request).await.is_err() {
                     error("herder is exiting")
                 } else {
                     rx.await.unwrap_or_else(|_| error("herder is exiting"))
@@ -303,6 +322,7 @@ mod tests {
             Command::Scale(Scale::To(n)) => json!({"cmd": "scale", "to": n}),
             Command::Scale(Scale::By(d)) => json!({"cmd": "scale", "by": d}),
             Command::Stop { force } => json!({"cmd": "stop", "force": force}),
+            Command::Upgrade { wait } => json!({"cmd": "upgrade", "wait": wait}),
         };
         v["v"] = json!(PROTOCOL_VERSION);
         v.to_string()
@@ -314,6 +334,7 @@ mod tests {
             Just(Command::Status),
             any::<bool>().prop_map(|wait| Command::Reload { wait }),
             any::<bool>().prop_map(|force| Command::Stop { force }),
+            any::<bool>().prop_map(|wait| Command::Upgrade { wait }),
             (1usize..=100_000).prop_map(|n| Command::Scale(Scale::To(n))),
             (-100_000i64..=100_000).prop_map(|d| Command::Scale(Scale::By(d))),
         ]

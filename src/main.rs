@@ -22,6 +22,7 @@ mod spawn;
 mod status;
 mod supervisor;
 mod throttle;
+mod upgrade;
 
 use std::ffi::OsString;
 use std::time::Instant;
@@ -43,6 +44,8 @@ struct FromManager {
     notify_socket: Option<OsString>,
     watchdog_usec: Option<OsString>,
     watchdog_pid: Option<OsString>,
+    /// Set by an earlier herder that executed this one in place (`herder upgrade`).
+    upgrade_state: Option<OsString>,
 }
 
 fn take_env() -> FromManager {
@@ -62,6 +65,7 @@ fn take_env() -> FromManager {
         notify_socket: take("NOTIFY_SOCKET"),
         watchdog_usec: take("WATCHDOG_USEC"),
         watchdog_pid: take("WATCHDOG_PID"),
+        upgrade_state: take(upgrade::STATE_FD_VAR),
     }
 }
 
@@ -71,19 +75,43 @@ fn main() {
     // back.
     let nofile = spawn::raise_nofile();
     let from_manager = take_env();
-    signals::unblock_all();
+    // An image started by `herder upgrade` keeps the signals blocked that arrived during the
+    // exec until its handlers exist (Supervisor::run unblocks them).
+    if from_manager.upgrade_state.is_none() {
+        signals::unblock_all();
+    }
+    let argv: Vec<OsString> = std::env::args_os().collect();
     let cli = cli::parse();
     if let Some(command) = cli.command {
         std::process::exit(subcommand(command));
+    }
+    if let Some(format) = cli.run.upgrade_check {
+        std::process::exit(upgrade_check(&cli.run, format));
+    }
+    if let Some(fd) = &from_manager.upgrade_state {
+        logging::init();
+        let resumed = resume(&cli.run, fd, &argv);
+        run(resumed);
     }
     // Inherited fds first, before logging (the journal socket) opens anything past them.
     let inherited = listen::inherit(&from_manager.listen, std::process::id())
         .and_then(|l| listen::check_no_extra_fd(l.len()).map(|()| l));
     logging::init();
-    let supervisor = match inherited
+    let setup = inherited
         .map_err(anyhow::Error::from)
         .and_then(|l| setup(&cli.run, from_manager, l, nofile))
-    {
+        .map(|mut s| {
+            s.up.exe = argv.first().and_then(|a| upgrade::own_path(a));
+            s.up.args = argv.iter().skip(1).cloned().collect();
+            s.up.nofile = nofile.map(|l| (l.rlim_cur, l.rlim_max));
+            s
+        });
+    run(setup);
+}
+
+/// Runs the event loop of a supervisor that setup made (or says why it could not, exit 2).
+fn run(supervisor: Result<supervisor::Supervisor>) -> ! {
+    let supervisor = match supervisor {
         Ok(s) => s,
         Err(e) => {
             eprintln!("herder: {e:#}");
@@ -102,6 +130,52 @@ fn main() {
     };
     let code = runtime.block_on(supervisor.run());
     std::process::exit(code);
+}
+
+/// `herder --upgrade-check FORMAT ARGS…`: whether this binary, with these arguments, can take
+/// over a running herder's state of that format. Nothing is bound or started.
+fn upgrade_check(args: &cli::RunArgs, format: u32) -> i32 {
+    let checked = args
+        .pool_config(cpus())
+        .map_err(anyhow::Error::msg)
+        .and_then(|_| credentials(args))
+        .map_err(|e| format!("{e:#}"))
+        .and_then(|_| upgrade::check(format));
+    match checked {
+        Ok(()) => {
+            println!(
+                "herder {} resumes upgrade state format {format}",
+                upgrade::version()
+            );
+            0
+        }
+        Err(why) => {
+            eprintln!("herder: {why}");
+            1
+        }
+    }
+}
+
+/// The setup of an image that an earlier herder executed in place: everything comes from the
+/// state it left, nothing is bound or inherited anew.
+fn resume(args: &cli::RunArgs, fd: &OsString, argv: &[OsString]) -> Result<supervisor::Supervisor> {
+    let fd: i32 = fd
+        .to_str()
+        .and_then(|v| v.parse().ok())
+        .context("the upgrade state fd is not a number")?;
+    let state = upgrade::read_state(fd).map_err(anyhow::Error::msg)?;
+    let cfg = args.pool_config(cpus()).map_err(anyhow::Error::msg)?;
+    let creds = credentials(args)?;
+    supervisor::resume(
+        state,
+        supervisor::Resume {
+            cfg,
+            command: args.command.clone(),
+            creds,
+            exe: argv.first().and_then(|a| upgrade::own_path(a)),
+            args: argv.iter().skip(1).cloned().collect(),
+        },
+    )
 }
 
 /// `herder status|reload|scale|stop|generate`: a client of a running herder, or a generator.
@@ -124,6 +198,11 @@ fn subcommand(command: cli::Command) -> i32 {
         } => client::run(Ask::Reload { wait, timeout }, control.control),
         Scale { to, control } => client::run(Ask::Scale { to }, control.control),
         Stop { force, control } => client::run(Ask::Stop { force }, control.control),
+        Upgrade {
+            wait,
+            timeout,
+            control,
+        } => client::run(Ask::Upgrade { wait, timeout }, control.control),
     }
 }
 
@@ -202,6 +281,12 @@ fn setup(
     let mut s = supervisor::Supervisor::new(pool, sockets, plan, manager, worker_uid, notify);
     s.health = health;
     s.control = control;
+    let text = |v: &Option<OsString>| v.as_ref().and_then(|v| v.to_str()).map(str::to_string);
+    s.up.manager = supervisor::ManagerFacts {
+        notify_socket: text(&env.notify_socket),
+        watchdog_usec: text(&env.watchdog_usec),
+        watchdog_pid: text(&env.watchdog_pid),
+    };
     Ok(s)
 }
 

@@ -9,6 +9,7 @@ use prometheus_client::registry::Registry;
 
 use crate::pool::{Pool, EXIT_REASONS};
 use crate::status::{herder_state, worker_state};
+use crate::supervisor::Record;
 
 type Labels = Vec<(String, String)>;
 
@@ -16,7 +17,7 @@ fn label(k: &str, v: &str) -> Labels {
     vec![(k.to_string(), v.to_string())]
 }
 
-pub fn render(pool: &Pool) -> String {
+pub fn render(pool: &Pool, upgrades: &Record) -> String {
     let mut reg = Registry::with_prefix("herder");
 
     let by_state = Family::<Labels, Gauge>::default();
@@ -94,6 +95,17 @@ pub fn render(pool: &Pool) -> String {
     let give_ups = Counter::<u64>::default();
     give_ups.inc_by(c.give_ups);
     reg.register("give_ups", "Times herder gave up on a crash loop", give_ups);
+
+    let up = Family::<Labels, Counter>::default();
+    up.get_or_create(&label("result", "succeeded"))
+        .inc_by(upgrades.succeeded);
+    up.get_or_create(&label("result", "failed"))
+        .inc_by(upgrades.failed);
+    reg.register(
+        "upgrades",
+        "In-place upgrades of herder (herder upgrade) by result",
+        up,
+    );
 
     let short = Counter::<u64>::default();
     short.inc_by(c.resource_failures);

@@ -8,6 +8,7 @@ use serde_json::{json, Value};
 
 use crate::listen::SocketSet;
 use crate::pool::{fmt_dur, Phase, Pool, ReloadOutcome, State, StopWhy, Worker, WorkerId};
+use crate::supervisor::Record;
 
 /// The version of this document's shape; bumped on incompatible changes.
 pub const FORMAT_VERSION: u32 = 1;
@@ -128,7 +129,7 @@ fn round(s: f64) -> f64 {
     (s * 1000.0).round() / 1000.0
 }
 
-pub fn status_json(pool: &Pool, sockets: &SocketSet, now: Instant) -> Value {
+pub fn status_json(pool: &Pool, sockets: &SocketSet, upgrades: &Record, now: Instant) -> Value {
     let slots: Vec<Value> = pool
         .slots
         .iter()
@@ -190,7 +191,15 @@ pub fn status_json(pool: &Pool, sockets: &SocketSet, now: Instant) -> Value {
     json!({
         "format": FORMAT_VERSION,
         "herder": {
-            "version": env!("CARGO_PKG_VERSION"),
+            "version": crate::upgrade::version(),
+            "upgrades": upgrades.succeeded,
+            "upgrades_failed": upgrades.failed,
+            "last_upgrade": upgrades.last.as_ref().map(|(at, from)| {
+                let unix_now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                json!({"from": from, "at_unix": at, "ago_s": unix_now.saturating_sub(*at)})
+            }),
             "pid": std::process::id(),
             "state": herder_state(pool).word(),
             "ready": pool.is_ready(),

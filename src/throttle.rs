@@ -75,6 +75,20 @@ impl Throttle {
         self.restarts.len() <= self.limit as usize
     }
 
+    /// When the restarts still remembered happened, oldest first (carried across an upgrade).
+    pub fn history(&self) -> impl Iterator<Item = Instant> + '_ {
+        self.restarts.iter().copied()
+    }
+
+    /// A throttle that remembers `history` (from [`Throttle::history`] of an earlier image).
+    pub fn with_history(limit: u32, window: Duration, history: Vec<Instant>) -> Self {
+        Throttle {
+            limit,
+            window,
+            restarts: history.into(),
+        }
+    }
+
     /// Restarts within the window ending `now`.
     pub fn recent(&self, now: Instant) -> usize {
         self.restarts

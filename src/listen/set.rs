@@ -119,3 +119,47 @@ impl SocketSet {
         }
     }
 }
+
+/// The listeners with their fds, whether siblings are per slot, and each slot's siblings.
+pub type Parts<'a> = (Vec<(RawFd, &'a Listener)>, bool, Vec<Option<Vec<RawFd>>>);
+
+/// What crosses an in-place upgrade (fd numbers stay the same across exec).
+impl SocketSet {
+    /// The listeners with their fds, whether siblings are per slot, and each slot's siblings.
+    pub fn parts(&self) -> Parts<'_> {
+        let listeners = self
+            .listeners
+            .iter()
+            .map(|l| (l.fd.as_raw_fd(), l))
+            .collect();
+        let siblings = self
+            .per_slot
+            .iter()
+            .map(|s| {
+                s.as_ref()
+                    .map(|v| v.iter().map(|f| f.as_raw_fd()).collect())
+            })
+            .collect();
+        (listeners, self.reuseport, siblings)
+    }
+
+    /// The set an earlier image had: its listeners and siblings, taken over as they are (they
+    /// were validated when first bound or inherited).
+    pub fn from_parts(
+        listeners: Vec<Listener>,
+        reuseport: bool,
+        per_slot: Vec<Option<Vec<OwnedFd>>>,
+    ) -> SocketSet {
+        let fdnames = listeners
+            .iter()
+            .map(|l| l.name.as_str())
+            .collect::<Vec<_>>()
+            .join(":");
+        SocketSet {
+            listeners,
+            reuseport,
+            per_slot,
+            fdnames,
+        }
+    }
+}

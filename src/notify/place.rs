@@ -3,7 +3,7 @@
 //! abstract names that nobody can predict.
 
 use std::ffi::OsString;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 
@@ -163,6 +163,56 @@ impl NotifySockets {
             let _ = std::fs::remove_dir_all(dir);
         }
     }
+
+    /// The private directory, when the sockets are files.
+    pub fn dir(&self) -> Option<&Path> {
+        match &self.place {
+            Place::Dir(d) => Some(d),
+            Place::Abstract(_) => None,
+        }
+    }
+
+    /// The abstract names' prefix, when there is no directory.
+    pub fn prefix(&self) -> Option<&str> {
+        match &self.place {
+            Place::Abstract(p) => Some(p),
+            Place::Dir(_) => None,
+        }
+    }
+
+    /// The place an earlier image made (an in-place upgrade).
+    pub fn resume(dir: Option<PathBuf>, prefix: Option<String>, worker: (u32, u32)) -> Self {
+        let me = nix::unistd::geteuid().as_raw();
+        let place = match (dir, prefix) {
+            (Some(d), _) => Place::Dir(d),
+            (None, Some(p)) => Place::Abstract(p),
+            (None, None) => {
+                Place::Abstract(format!("{}-{:016x}", std::process::id(), random_u64()))
+            }
+        };
+        NotifySockets {
+            place,
+            owner: (worker.0 != me).then_some(worker),
+        }
+    }
+
+    /// A worker's socket an earlier image bound: its fd (inherited across exec) and address.
+    /// A path socket's file is unlinked when the socket goes, as if bound here.
+    ///
+    /// # Safety
+    /// `fd` must be an open socket this process owns and nothing else will close.
+    pub unsafe fn adopt(&self, fd: RawFd, address: String) -> WorkerSocket {
+        let path = self
+            .dir()
+            .filter(|_| address.starts_with('/'))
+            .map(|_| PathGuard(PathBuf::from(&address)));
+        WorkerSocket {
+            // SAFETY: the caller's promise.
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            address,
+            _path: path,
+        }
+    }
 }
 
 /// Makes `base/herder-<pid>-<random>`, exclusively (a name someone else made is skipped).
@@ -211,4 +261,11 @@ pub struct WorkerSocket {
     /// What the worker gets as NOTIFY_SOCKET: a path, or `@name`.
     pub address: String,
     pub(super) _path: Option<PathGuard>,
+}
+
+impl WorkerSocket {
+    /// The socket's fd number (it crosses an upgrade as a number).
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
 }

@@ -7,10 +7,12 @@
 //!
 //! Each rule lives in one place: this file holds the pool, starting workers and the clock;
 //! [`exits`] what a worker's end (or `STOPPING=1`, or a missed watchdog) means for its slot;
-//! [`reload`] the rolling reload; [`stop`] stopping and scaling; [`types`] the vocabulary.
+//! [`reload`] the rolling reload; [`stop`] stopping and scaling; [`snapshot`] the pool as it
+//! crosses an in-place upgrade; [`types`] the vocabulary.
 
 mod exits;
 mod reload;
+mod snapshot;
 mod stop;
 mod types;
 
@@ -23,6 +25,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use tracing::{debug, info, warn};
 
+pub use snapshot::PoolSnapshot;
 pub use types::*;
 
 /// After a missed worker watchdog: SIGABRT, then SIGKILL after this long.
@@ -121,6 +124,7 @@ impl Pool {
             Event::Message { id, msg } => self.message(id, msg, now),
             Event::Request(r) => self.request(r, now),
             Event::Tick => self.tick(now),
+            Event::Resumed => self.resumed(now),
         }
         self.flush(now)
     }
@@ -332,6 +336,24 @@ impl Pool {
                 self.watchdog_failed(id, now);
             }
             WorkerMsg::Stopping => self.retiring(id, now),
+        }
+    }
+
+    /// The first event of an image that took the pool over: systemd hears READY=1 (ending
+    /// the RELOADING=1 the old image sent), a fresh STATUS= and a watchdog ping at once.
+    fn resumed(&mut self, now: Instant) {
+        info!(
+            workers = self.workers.len(),
+            generation = self.generation,
+            "took over the pool from the previous herder"
+        );
+        self.last_status.clear();
+        if self.announced_ready {
+            self.manager.push(ManagerMsg::Ready);
+        }
+        if let Some(iv) = self.cfg.manager_watchdog {
+            self.manager.push(ManagerMsg::Watchdog);
+            self.next_ping = Some(later(now, iv / 2));
         }
     }
 

@@ -129,6 +129,8 @@ pub enum Event {
     Request(Request),
     /// A deadline from [`super::Pool::next_deadline`] has passed.
     Tick,
+    /// This image took the pool over from an earlier one (`herder upgrade`).
+    Resumed,
 }
 
 /// sd_notify(3) messages for herder's own service manager.

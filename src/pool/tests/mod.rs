@@ -5,6 +5,7 @@
 mod lifecycle;
 mod reload;
 mod restart;
+mod snapshot;
 mod stop;
 
 use std::time::{Duration, Instant};

@@ -1,9 +1,15 @@
 //! The event loop: one `select!` over signals, worker notifications and one sleep until the
 //! pool's next deadline — no fixed-period polling. It owns every piece of state; the decisions
 //! are the pool's ([`Pool::handle`]); this module only performs the actions the pool returns
-//! (fork, kill, notify systemd, exit) and feeds back what happened.
+//! (fork, kill, notify systemd, exit) and feeds back what happened. [`upgrade`] is its side of
+//! `herder upgrade`.
+
+mod upgrade;
+
+pub use upgrade::{resume, ManagerFacts, Record, Resume, UpgradeCtx};
 
 use std::collections::{HashMap, VecDeque};
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -51,6 +57,8 @@ pub struct Supervisor {
     requests: mpsc::Receiver<control::Request>,
     /// `herder reload --wait` clients: the generation each waits for.
     reload_waiters: Vec<(u64, oneshot::Sender<Value>)>,
+    /// What an in-place upgrade needs and remembers.
+    pub up: UpgradeCtx,
 }
 
 impl Supervisor {
@@ -71,6 +79,7 @@ impl Supervisor {
             requests_tx,
             requests,
             reload_waiters: Vec::new(),
+            up: UpgradeCtx::default(),
             health: None,
             queries_tx,
             queries,
@@ -96,7 +105,16 @@ impl Supervisor {
                 return crate::EXIT_USAGE;
             }
         };
+        if self.up.resumed {
+            // The old image blocked everything across the exec; what arrived meanwhile is
+            // pending, and is delivered now that the handlers are in place.
+            crate::signals::unblock_all();
+            for (id, sock) in std::mem::take(&mut self.up.adopt) {
+                self.adopt_reader(id, sock);
+            }
+        }
         if let Some(listener) = self.health.take() {
+            self.up.health_fd = Some(listener.as_raw_fd());
             let served = listener
                 .set_nonblocking(true)
                 .and_then(|()| tokio::net::TcpListener::from_std(listener));
@@ -106,6 +124,7 @@ impl Supervisor {
             }
         }
         if let Some((listener, path)) = self.control.take() {
+            self.up.control_fd = Some(listener.as_raw_fd());
             self.control_path = Some(path);
             let served = listener
                 .set_nonblocking(true)
@@ -115,7 +134,16 @@ impl Supervisor {
                 Err(e) => error!("cannot serve the control socket: {e}"),
             }
         }
-        let mut events = VecDeque::from([Event::Start]);
+        let mut events = VecDeque::new();
+        if self.up.resumed {
+            events.push_back(Event::Resumed);
+            // Children that exited while the exec was under way: reaped by this image.
+            if let Some(batch) = self.reap() {
+                events.push_back(batch);
+            }
+        } else {
+            events.push_back(Event::Start);
+        }
         loop {
             while let Some(ev) = events.pop_front() {
                 let actions = self.pool.handle(ev, Instant::now());
@@ -130,6 +158,9 @@ impl Supervisor {
                 }
             }
             self.settle_reload_waiters();
+            if !self.up.waiters.is_empty() {
+                self.answer_waiters();
+            }
             let deadline = self.pool.next_deadline();
             let sleep = async {
                 match deadline {
@@ -140,15 +171,8 @@ impl Supervisor {
             tokio::select! {
                 (sig, meaning) = signals.recv() => match meaning {
                     Meaning::ChildExited => {
-                        let batch: Vec<Reaped> = crate::reap::reap_all()
-                            .into_iter()
-                            .map(|(pid, status)| {
-                                self.reaped(pid);
-                                Reaped { pid, status, group_left: group_alive(pid) }
-                            })
-                            .collect();
-                        if !batch.is_empty() {
-                            events.push_back(Event::Reaped(batch));
+                        if let Some(batch) = self.reap() {
+                            events.push_back(batch);
                         }
                     }
                     Meaning::Request(r) => {
@@ -166,6 +190,22 @@ impl Supervisor {
                 () = sleep => events.push_back(Event::Tick),
             }
         }
+    }
+
+    /// Every child that has exited, as one event (`None`: none had).
+    fn reap(&mut self) -> Option<Event> {
+        let batch: Vec<Reaped> = crate::reap::reap_all()
+            .into_iter()
+            .map(|(pid, status)| {
+                self.reaped(pid);
+                Reaped {
+                    pid,
+                    status,
+                    group_left: group_alive(pid),
+                }
+            })
+            .collect();
+        (!batch.is_empty()).then_some(Event::Reaped(batch))
     }
 
     /// Performs the pool's actions; the result of each spawn goes into `spawned`.
@@ -230,6 +270,9 @@ impl Supervisor {
         };
         match spawn::spawn(&self.plan, &env) {
             Ok(pid) => {
+                self.up
+                    .notify_fds
+                    .insert(id, (sock.raw_fd(), sock.address.clone()));
                 let task = notify::serve_worker(sock, id, pid, self.worker_uid, self.tx.clone());
                 self.readers.insert(id, tokio::spawn(task));
                 Event::Spawned { id, pid }
@@ -249,7 +292,7 @@ impl Supervisor {
                 format!("not ready: {}\n", status::herder_state(&self.pool).word()),
             ),
             Route::Status => {
-                let doc = status::status_json(&self.pool, &self.sockets, now);
+                let doc = status::status_json(&self.pool, &self.sockets, &self.up.record, now);
                 Answer {
                     code: 200,
                     content_type: "application/json",
@@ -259,7 +302,7 @@ impl Supervisor {
             Route::Metrics => Answer {
                 code: 200,
                 content_type: "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                body: metrics::render(&self.pool),
+                body: metrics::render(&self.pool, &self.up.record),
             },
         };
         let _ = q.reply.send(a);
@@ -271,7 +314,8 @@ impl Supervisor {
         let serving = self.pool.phase == Phase::Running;
         let (answer, event) = match r.command {
             Command::Status => {
-                let doc = status::status_json(&self.pool, &self.sockets, Instant::now());
+                let doc =
+                    status::status_json(&self.pool, &self.sockets, &self.up.record, Instant::now());
                 (control::ok(json!({ "status": doc })), None)
             }
             Command::Reload { .. } if !serving => {
@@ -303,6 +347,10 @@ impl Supervisor {
                     control::ok(json!({ "workers": target })),
                     Some(Event::Request(Request::ScaleTo(target))),
                 )
+            }
+            Command::Upgrade { wait } => {
+                self.upgrade(wait, r.reply, r.conn);
+                return None;
             }
             Command::Stop { force } => {
                 let req = if force {
@@ -347,10 +395,23 @@ impl Supervisor {
     /// A child was reaped: stop reading its notifications.
     fn reaped(&mut self, pid: i32) {
         if let Some(id) = self.pool.worker_of_pid(pid) {
+            self.up.notify_fds.remove(&id);
             if let Some(task) = self.readers.remove(&id) {
                 task.abort();
             }
         }
+    }
+
+    /// Reads the notify socket of a worker an earlier image started (an in-place upgrade).
+    pub fn adopt_reader(&mut self, id: WorkerId, sock: notify::WorkerSocket) {
+        let Some(pid) = self.pool.workers.get(&id).and_then(|w| w.pid) else {
+            return; // gone: dropping the socket closes it (and unlinks its file)
+        };
+        self.up
+            .notify_fds
+            .insert(id, (sock.raw_fd(), sock.address.clone()));
+        let task = notify::serve_worker(sock, id, pid, self.worker_uid, self.tx.clone());
+        self.readers.insert(id, tokio::spawn(task));
     }
 
     fn finish(&mut self) {

@@ -1,0 +1,350 @@
+//! The pool as it crosses an in-place upgrade (`herder upgrade`): every slot, worker, restart
+//! history, counter and pending deadline, in a versioned, tolerant form (serde; unknown fields
+//! are ignored and missing ones take their defaults, so that one format can grow). Pure data
+//! and arithmetic: the fds, the file and the exec are `upgrade`'s.
+//!
+//! An `Instant` travels as signed nanoseconds from the moment the snapshot was taken. The
+//! monotonic clock goes on across `execve`, so the new image puts every deadline back at the
+//! same moment: it only needs to know when, on its own clock, that moment was.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    later, Counters, Phase, Pool, PoolConfig, ReloadOutcome, Slot, State, StopWhy, Worker,
+};
+use super::{WorkerId, EXIT_REASONS, MAX_WORKERS};
+use crate::throttle::Throttle;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PoolSnapshot {
+    pub next_id: u64,
+    pub generation: u64,
+    pub last_reload: Option<ReloadSnapshot>,
+    pub started_at: i64,
+    pub announced_ready: bool,
+    pub killed_any: bool,
+    pub resource_error: Option<String>,
+    /// (pgid, when it gets SIGKILL)
+    pub leftovers: Vec<(i32, i64)>,
+    pub last_ready_at: Option<i64>,
+    pub counters: CountersSnapshot,
+    pub slots: Vec<SlotSnapshot>,
+    pub workers: Vec<WorkerSnapshot>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ReloadSnapshot {
+    pub generation: u64,
+    pub succeeded: bool,
+    pub why: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CountersSnapshot {
+    pub restarts: u64,
+    pub reloads_succeeded: u64,
+    pub reloads_failed: u64,
+    pub give_ups: u64,
+    pub resource_failures: u64,
+    pub exits: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SlotSnapshot {
+    pub current: Option<u64>,
+    pub next: Option<u64>,
+    pub backoff_until: Option<i64>,
+    pub failures: u32,
+    pub resource_failures: u32,
+    pub restarts: u32,
+    pub throttle: Vec<i64>,
+    pub last_exit: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct WorkerSnapshot {
+    pub id: u64,
+    pub slot: usize,
+    pub generation: u64,
+    pub pid: i32,
+    /// `starting`, `ready` or `stopping`.
+    pub state: String,
+    /// Starting: the ready deadline; stopping: when SIGKILL is due (`None`: already killed).
+    pub deadline: Option<i64>,
+    /// Stopping: why (as [`why_name`] spells it).
+    pub why: Option<String>,
+    pub spawned_at: i64,
+    pub ready_at: Option<i64>,
+    pub last_ping: i64,
+    pub status: Option<String>,
+    pub errno: Option<i32>,
+}
+
+/// Nanoseconds from `base` to `t` (negative: before it), saturating.
+fn enc(t: Instant, base: Instant) -> i64 {
+    if t >= base {
+        i64::try_from(t.duration_since(base).as_nanos()).unwrap_or(i64::MAX)
+    } else {
+        -i64::try_from(base.duration_since(t).as_nanos()).unwrap_or(i64::MAX)
+    }
+}
+
+/// The inverse of [`enc`], never panicking: an instant out of range lands at `base`.
+fn dec(off: i64, base: Instant) -> Instant {
+    let d = Duration::from_nanos(off.unsigned_abs());
+    if off >= 0 {
+        later(base, d)
+    } else {
+        base.checked_sub(d).unwrap_or(base)
+    }
+}
+
+fn why_name(w: StopWhy) -> &'static str {
+    match w {
+        StopWhy::Drain => "drain",
+        StopWhy::Retiring => "retiring",
+        StopWhy::RetiredEarly => "retired_early",
+        StopWhy::Watchdog => "watchdog",
+        StopWhy::ReadyTimeout => "ready_timeout",
+        StopWhy::Superseded => "superseded",
+        StopWhy::Killed => "killed",
+    }
+}
+
+fn why_from(s: &str) -> StopWhy {
+    match s {
+        "retiring" => StopWhy::Retiring,
+        "retired_early" => StopWhy::RetiredEarly,
+        "watchdog" => StopWhy::Watchdog,
+        "ready_timeout" => StopWhy::ReadyTimeout,
+        "superseded" => StopWhy::Superseded,
+        "killed" => StopWhy::Killed,
+        // A reason a newer herder invented: drain it, the mildest way out.
+        _ => StopWhy::Drain,
+    }
+}
+
+impl Pool {
+    /// Whether the pool can cross an exec now; `Err` says why not. Only a running pool with
+    /// no reload under way and no worker spawning does: there is nothing half-done to carry.
+    pub fn can_snapshot(&self) -> Result<(), String> {
+        match self.phase {
+            Phase::Running if self.reloading => {
+                return Err("a reload is under way: upgrade after it".into())
+            }
+            Phase::Running => {}
+            _ => return Err("herder is stopping".into()),
+        }
+        if self.workers.values().any(|w| w.state == State::Spawning) {
+            return Err("a worker is being spawned".into());
+        }
+        Ok(())
+    }
+
+    pub fn snapshot(&self, base: Instant) -> PoolSnapshot {
+        let e = |t: Instant| enc(t, base);
+        let workers = self
+            .workers
+            .iter()
+            .map(|(&id, w)| {
+                let (state, deadline, why) = match w.state {
+                    State::Spawning | State::Starting { .. } => {
+                        let d = match w.state {
+                            State::Starting { deadline } => Some(e(deadline)),
+                            _ => None,
+                        };
+                        ("starting", d, None)
+                    }
+                    State::Ready => ("ready", None, None),
+                    State::Stopping { why, kill_at } => {
+                        ("stopping", kill_at.map(e), Some(why_name(why).to_string()))
+                    }
+                };
+                WorkerSnapshot {
+                    id,
+                    slot: w.slot,
+                    generation: w.generation,
+                    pid: w.pid.unwrap_or(0),
+                    state: state.into(),
+                    deadline,
+                    why,
+                    spawned_at: e(w.spawned_at),
+                    ready_at: w.ready_at.map(e),
+                    last_ping: e(w.last_ping),
+                    status: w.status.clone(),
+                    errno: w.errno,
+                }
+            })
+            .collect();
+        let slots = self
+            .slots
+            .iter()
+            .map(|s| SlotSnapshot {
+                current: s.current,
+                next: s.next,
+                backoff_until: s.backoff_until.map(e),
+                failures: s.failures,
+                resource_failures: s.resource_failures,
+                restarts: s.restarts,
+                throttle: s.throttle.history().map(e).collect(),
+                last_exit: s.last_exit.clone(),
+            })
+            .collect();
+        let c = &self.counters;
+        PoolSnapshot {
+            next_id: self.next_id,
+            generation: self.generation,
+            last_reload: self.last_reload.as_ref().map(|r| match r {
+                ReloadOutcome::Succeeded { generation } => ReloadSnapshot {
+                    generation: *generation,
+                    succeeded: true,
+                    why: String::new(),
+                },
+                ReloadOutcome::Failed { generation, why } => ReloadSnapshot {
+                    generation: *generation,
+                    succeeded: false,
+                    why: why.clone(),
+                },
+            }),
+            started_at: e(self.started_at),
+            announced_ready: self.announced_ready,
+            killed_any: self.killed_any,
+            resource_error: self.resource_error.clone(),
+            leftovers: self.leftovers.iter().map(|(&g, &t)| (g, e(t))).collect(),
+            last_ready_at: self.last_ready_at.map(e),
+            counters: CountersSnapshot {
+                restarts: c.restarts,
+                reloads_succeeded: c.reloads_succeeded,
+                reloads_failed: c.reloads_failed,
+                give_ups: c.give_ups,
+                resource_failures: c.resource_failures,
+                exits: c.exits.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            },
+            slots,
+            workers,
+        }
+    }
+
+    /// The pool of an earlier image, taken over: `base` is the moment the snapshot was taken,
+    /// on this image's clock. Workers whose pid is missing (0) are dropped; a slot that names
+    /// a worker that is not there is left empty and refilled by the next tick.
+    pub fn restore(cfg: PoolConfig, snap: PoolSnapshot, base: Instant, now: Instant) -> Pool {
+        let d = |off: i64| dec(off, base);
+        let mut pool = Pool::new(cfg, now);
+        let mut workers = BTreeMap::new();
+        let mut pids = BTreeMap::new();
+        for w in snap.workers {
+            if w.pid <= 0 {
+                continue;
+            }
+            let state = match w.state.as_str() {
+                "ready" => State::Ready,
+                "stopping" => State::Stopping {
+                    why: why_from(w.why.as_deref().unwrap_or("drain")),
+                    kill_at: w.deadline.map(d),
+                },
+                _ => State::Starting {
+                    deadline: w
+                        .deadline
+                        .map_or_else(|| later(now, pool.cfg.ready_timeout), d),
+                },
+            };
+            pids.insert(w.pid, w.id);
+            workers.insert(
+                w.id,
+                Worker {
+                    slot: w.slot,
+                    generation: w.generation,
+                    pid: Some(w.pid),
+                    state,
+                    spawned_at: d(w.spawned_at),
+                    ready_at: w.ready_at.map(d),
+                    last_ping: d(w.last_ping),
+                    status: w.status,
+                    errno: w.errno,
+                    stop_when_spawned: None,
+                },
+            );
+        }
+        let named = |id: Option<WorkerId>| id.filter(|i| workers.contains_key(i));
+        let slots: Vec<Slot> = snap
+            .slots
+            .into_iter()
+            .take(MAX_WORKERS)
+            .map(|s| {
+                let current = named(s.current);
+                Slot {
+                    current,
+                    next: named(s.next),
+                    // An empty slot without a pending backoff is refilled at once.
+                    backoff_until: s
+                        .backoff_until
+                        .map(d)
+                        .or_else(|| current.is_none().then_some(now)),
+                    failures: s.failures,
+                    resource_failures: s.resource_failures,
+                    restarts: s.restarts,
+                    throttle: Throttle::with_history(
+                        pool.cfg.restart_limit,
+                        pool.cfg.restart_window,
+                        s.throttle.into_iter().map(d).collect(),
+                    ),
+                    last_exit: s.last_exit,
+                }
+            })
+            .collect();
+        if !slots.is_empty() {
+            pool.slots = slots;
+        }
+        let exits = snap
+            .counters
+            .exits
+            .iter()
+            .filter_map(|(k, v)| {
+                EXIT_REASONS
+                    .iter()
+                    .find(|r| **r == k.as_str())
+                    .map(|r| (*r, *v))
+            })
+            .collect();
+        pool.counters = Counters {
+            restarts: snap.counters.restarts,
+            reloads_succeeded: snap.counters.reloads_succeeded,
+            reloads_failed: snap.counters.reloads_failed,
+            give_ups: snap.counters.give_ups,
+            resource_failures: snap.counters.resource_failures,
+            exits,
+        };
+        pool.next_id = snap.next_id.max(workers.keys().max().map_or(1, |m| m + 1));
+        pool.workers = workers;
+        pool.pids = pids;
+        pool.generation = snap.generation.max(1);
+        pool.last_reload = snap.last_reload.map(|r| {
+            if r.succeeded {
+                ReloadOutcome::Succeeded {
+                    generation: r.generation,
+                }
+            } else {
+                ReloadOutcome::Failed {
+                    generation: r.generation,
+                    why: r.why,
+                }
+            }
+        });
+        pool.started_at = d(snap.started_at);
+        pool.announced_ready = snap.announced_ready;
+        pool.killed_any = snap.killed_any;
+        pool.resource_error = snap.resource_error;
+        pool.leftovers = snap.leftovers.into_iter().map(|(g, t)| (g, d(t))).collect();
+        pool.last_ready_at = snap.last_ready_at.map(d);
+        pool
+    }
+}
