@@ -316,7 +316,14 @@ impl RunArgs {
 /// Parses the command line; on a usage error prints one line and exits 2 (help and version
 /// exit 0).
 pub fn parse() -> Cli {
-    match Cli::try_parse() {
+    use clap::{CommandFactory, FromArgMatches};
+    // `--version` says what `/status` says: the package version and a stamped build tag.
+    let version: &'static str = Box::leak(crate::upgrade::version().into_boxed_str());
+    let parsed = Cli::command()
+        .version(version)
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m));
+    match parsed {
         Ok(cli) => cli,
         Err(e) => {
             use clap::error::ErrorKind::*;

@@ -14,6 +14,10 @@
 #         limit take over
 #   trixie (systemd 257, Type=notify-reload drop-in):
 #     [6] systemctl reload is synchronous and loses no request
+#   both:
+#     [7] herder upgrade: a second .deb (a stamped build tag, packaging/build-deb.sh --tag) is
+#         installed over the running herder, which executes it in place under load: the same
+#         MainPID and workers, ActiveState only active/reloading, no failed request
 #
 # Usage: tests/systemd/e2e.sh        (as root; or: cargo test --test systemd_e2e)
 # Env:   HERDER_BIN, HERDER_DEMO_BIN  binaries under test (default: target/debug/herder{,-demo})
@@ -92,6 +96,8 @@ for s in $E2E_SUITES; do
     build_pid[$s]=$!
 done
 deb=${HERDER_DEB:-}
+deb2=""                      # the same herder with a build tag: the version `herder upgrade` goes to
+UPGRADE_TAG=e2e2
 why_no_deb=""
 if [ -z "$deb" ]; then
     if command -v cargo-deb >/dev/null; then
@@ -99,6 +105,11 @@ if [ -z "$deb" ]; then
             cat "$tmp/deb.log"
             bad "packaging/build-deb.sh builds the .deb"
             deb=""
+        fi
+        if ! deb2=$("$repo/packaging/build-deb.sh" --fast --bin "$HERDER_BIN" --tag $UPGRADE_TAG --out "$tmp/deb" 2>"$tmp/deb2.log"); then
+            cat "$tmp/deb2.log"
+            bad "packaging/build-deb.sh --tag $UPGRADE_TAG builds a second version"
+            deb2=""
         fi
     elif [ "${CI:-}" = true ]; then
         bad "cargo-deb is installed (CI=true; run tests/systemd/install-deps.sh)"
@@ -180,7 +191,8 @@ rolled() {
 }
 
 # Runs the concurrent client and an ActiveState sampler around CMD...; checks zero failures, that
-# old and new workers both answered, and that ActiveState only ever read active or reloading.
+# old and new workers both answered (or, with UNDER_LOAD_SAME=1, that the same workers did
+# throughout), and that ActiveState only ever read active or reloading.
 under_load() {
     local old=$1; shift
     ct sh -c "rm -f $RUN/stop $RUN/load.* $RUN/states"
@@ -201,12 +213,43 @@ under_load() {
     local o n saw_old=0 saw_new=0
     for o in $old; do [[ ,$pids, == *",$o,"* ]] && saw_old=1; done
     for n in $new; do [[ ,$pids, == *",$n,"* ]] && saw_new=1; done
-    check "the client was served by old and by new workers (pids $pids)" test $saw_old$saw_new = 11
+    if [ "${UNDER_LOAD_SAME:-}" = 1 ]; then
+        check "the same workers served throughout (before: $old; after: $new; answered: $pids)" \
+            test "$old" = "$new" -a $saw_old = 1
+    else
+        check "the client was served by old and by new workers (pids $pids)" test $saw_old$saw_new = 11
+    fi
     wait_for 5 ct test -s $RUN/states
     local states
     states=$(ct sh -c "sort $RUN/states | uniq -c" | tr -s ' \n' ' ')
-    check "ActiveState never left active during the reload (samples:$states)" \
+    check "ActiveState never left active or reloading meanwhile (samples:$states)" \
         test -z "$(ct grep -vxE 'active|reloading' $RUN/states)"
+}
+
+# [7] A newer herder installed over the running one and executed in place: nothing restarts.
+upgrade_in_place() {
+    echo "-- [7] herder upgrade: a newer .deb, executed in place under load"
+    if [ -z "$deb2" ]; then
+        note "no second .deb to upgrade to: ${why_no_deb:-see above}"
+        return
+    fi
+    check "the pool serves before the upgrade" get_ok /
+    local main old
+    main=$(prop MainPID) old=$(workers)
+    upgrade_step() {
+        check "dpkg -i installs $(basename "$deb2") over the running herder" \
+            ct dpkg -i "/opt/herder/deb/$(basename "$deb2")" >/dev/null
+        local out
+        out=$(ct herder upgrade --wait --timeout 30s --control /run/app/herder.sock 2>&1)
+        check "herder upgrade --wait returns 0 ($out)" grep -q "^upgraded: herder [^ ]*+$UPGRADE_TAG " <<<"$out"
+        local v
+        v=$(ct herder status --control /run/app/herder.sock | head -1)
+        check "herder status shows the new version ($v)" grep -q "^herder [^ ]*+$UPGRADE_TAG pid $main " <<<"$v"
+    }
+    UNDER_LOAD_SAME=1 under_load "$old" upgrade_step
+    check "MainPID unchanged by the upgrade ($main)" test "$(prop MainPID)" = "$main"
+    check "the journal says herder upgraded in place" journal_has "upgraded in place"
+    check "herder --version is the new one: $(ct herder --version)" test "$(ct herder --version | cut -d' ' -f2)" = "$(ct dpkg-query -W -f '${Version}' herder | sed 's/-[^-]*$//')"
 }
 
 # ------------------------------------------------------------------------------------------ bookworm
@@ -344,6 +387,7 @@ suite_bookworm() {
     ct systemctl reset-failed app.service app.socket
     ct systemctl start app.socket
     check "after reset-failed the socket activates a healthy pool again" get_ok /
+    upgrade_in_place
 }
 
 # ------------------------------------------------------------------------------------------ trixie
@@ -379,6 +423,7 @@ suite_trixie() {
     }
     under_load "$old" reload_sync
     check "MainPID unchanged by the reload" test "$(prop MainPID)" = "$main"
+    upgrade_in_place
     check "systemctl stop app returns 0" ct systemctl stop app.service
     check "herder exited 0 after the drain (Result=$(prop Result), status $(prop ExecMainStatus))" \
         test "$(prop Result)/$(prop ExecMainStatus)" = success/0
