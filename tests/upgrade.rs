@@ -176,7 +176,15 @@ fn upgrade_keeps_the_pid_the_workers_and_every_connection() {
     // the upgrade only if the new image reads their (inherited) notify sockets.
     let mut s = start(
         "one",
-        &["-w", "2", "--ready", "notify", "--worker-watchdog", "1s"],
+        &[
+            "-w",
+            "2",
+            "--reuseport",
+            "--ready",
+            "notify",
+            "--worker-watchdog",
+            "1s",
+        ],
         &[demo_bin()],
     );
     let addr = s.h.addr();
