@@ -381,3 +381,54 @@ fn a_worker_that_exits_during_the_exec_is_reaped_and_replaced() {
     s.h.signal(libc::SIGTERM);
     assert_eq!(s.h.wait_exit(LONG).code(), Some(0));
 }
+
+#[test]
+fn a_hup_that_arrives_during_the_exec_is_not_lost() {
+    // A watcher sends SIGHUP the moment herder's executable changes, i.e. while the new image
+    // is still starting. Had it unblocked signals before installing its handlers, HUP's default
+    // action would have killed it; instead the HUP is pending, delivered, and rolls the pool.
+    use std::os::unix::fs::MetadataExt;
+    let mut s = start("one", &["-w", "1"], &["sh", "-c", "exec sleep 600"]);
+    let pid = s.h.pid();
+    let inode = |pid: i32| {
+        std::fs::metadata(format!("/proc/{pid}/exe"))
+            .map(|m| m.ino())
+            .ok()
+    };
+    let old = inode(pid);
+    install(&s.exe, "two");
+    let watcher = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            let now = inode(pid);
+            if now.is_some() && now != old {
+                // SAFETY: kill(2) on the herder this test started.
+                unsafe { libc::kill(pid, libc::SIGHUP) };
+                return true;
+            }
+            std::thread::yield_now();
+        }
+        false
+    });
+    let out = client(&s.sock, &["upgrade", "--wait"]);
+    assert!(watcher.join().unwrap(), "the exec was seen");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut doc = serde_json::Value::Null;
+    eventually(
+        "the HUP's reload to complete in the new image",
+        LONG,
+        || {
+            doc = status(&s.sock);
+            doc["herder"]["generation"] == 2 && doc["herder"]["state"] == "ready"
+        },
+    );
+    assert_eq!(doc["herder"]["pid"], pid as i64, "alive, the same process");
+    assert!(doc["herder"]["version"].as_str().unwrap().ends_with("+two"));
+    s.h.signal(libc::SIGTERM);
+    assert_eq!(s.h.wait_exit(LONG).code(), Some(0));
+}
