@@ -207,6 +207,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "HOST:PORT")]
     pub health: Option<String>,
 
+    /// Push herder's own sockets (--listen, --reuseport siblings, --health) into systemd's fd
+    /// store even without $FDSTORE (systemd 252 does not set it); the unit needs
+    /// FileDescriptorStoreMax=. With $FDSTORE (systemd 254 and later) they are pushed anyway.
+    #[arg(long)]
+    pub fd_store: bool,
+
     /// The control socket for `herder status|reload|scale|stop` (mode 0600)
     /// [default: $RUNTIME_DIRECTORY/herder.sock under systemd, else none]
     #[arg(long, value_name = "PATH")]

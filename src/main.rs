@@ -7,6 +7,7 @@
 mod cli;
 mod client;
 mod control;
+mod fdstore;
 mod health;
 mod listen;
 mod logging;
@@ -46,6 +47,8 @@ struct FromManager {
     watchdog_pid: Option<OsString>,
     /// Set by an earlier herder that executed this one in place (`herder upgrade`).
     upgrade_state: Option<OsString>,
+    /// `FDSTORE`: systemd (≥ 254) keeps this many fds for us (src/fdstore.rs).
+    fdstore: Option<OsString>,
 }
 
 fn take_env() -> FromManager {
@@ -66,6 +69,7 @@ fn take_env() -> FromManager {
         watchdog_usec: take("WATCHDOG_USEC"),
         watchdog_pid: take("WATCHDOG_PID"),
         upgrade_state: take(upgrade::STATE_FD_VAR),
+        fdstore: take("FDSTORE"),
     }
 }
 
@@ -94,12 +98,12 @@ fn main() {
         run(resumed);
     }
     // Inherited fds first, before logging (the journal socket) opens anything past them.
-    let inherited = listen::inherit(&from_manager.listen, std::process::id())
-        .and_then(|l| listen::check_no_extra_fd(l.len()).map(|()| l));
+    // herder's own sockets back from systemd's fd store are set aside (src/fdstore.rs).
+    let inherited = fdstore::inherit(&from_manager.listen, std::process::id());
     logging::init();
     let setup = inherited
         .map_err(anyhow::Error::from)
-        .and_then(|l| setup(&cli.run, from_manager, l, nofile))
+        .and_then(|(l, stored)| setup(&cli.run, from_manager, l, stored, nofile))
         .map(|mut s| {
             s.up.exe = argv.first().and_then(|a| upgrade::own_path(a));
             s.up.args = argv.iter().skip(1).cloned().collect();
@@ -174,6 +178,9 @@ fn resume(args: &cli::RunArgs, fd: &OsString, argv: &[OsString]) -> Result<super
             creds,
             exe: argv.first().and_then(|a| upgrade::own_path(a)),
             args: argv.iter().skip(1).cloned().collect(),
+            listen: args.listen.clone(),
+            health: health_spec(args)?,
+            fd_store: args.fd_store,
         },
     )
 }
@@ -216,6 +223,7 @@ fn setup(
     args: &cli::RunArgs,
     env: FromManager,
     mut listeners: Vec<listen::Listener>,
+    stored: fdstore::Stored,
     nofile: Option<libc::rlimit>,
 ) -> Result<supervisor::Supervisor> {
     let my_pid = std::process::id();
@@ -236,38 +244,35 @@ fn setup(
         |c| (c.uid, c.gid),
     );
 
-    for spec in &args.listen {
-        listeners.push(listen::bind(spec, args.reuseport)?);
-    }
+    let manager = match env.notify_socket.as_ref().and_then(|v| v.to_str()) {
+        Some(v) => Some(manager::Manager::new(v).context("NOTIFY_SOCKET")?),
+        None => None,
+    };
+    let health_spec = health_spec(args)?;
+    // Stored sockets are taken back where they fit; the rest is bound and pushed.
+    let mut store = fdstore::FdStore::new(
+        stored,
+        env.fdstore.as_deref(),
+        args.fd_store,
+        manager.as_ref(),
+    );
+    let own = store.own_sockets(&args.listen, health_spec.as_ref(), args.reuseport)?;
+    listeners.extend(own.listeners);
     let mut sockets = SocketSet::new(listeners, args.reuseport)?;
-    sockets.prepare(cfg.workers)?;
+    store.prepare(&mut sockets, cfg.workers)?;
     for l in &sockets.listeners {
         info!(addr = %l.display, name = %l.name, "listening");
     }
-
-    let health = match &args.health {
-        Some(addr) => {
-            let spec: listen::ListenSpec =
-                addr.parse().map_err(|e| anyhow::anyhow!("--health: {e}"))?;
-            if !matches!(spec.addr, listen::Addr::Tcp(_)) {
-                bail!("--health {addr}: expected HOST:PORT");
-            }
-            let l = listen::bind(&spec, false).context("--health")?;
-            info!(addr = %l.display, "health endpoint");
-            Some(std::net::TcpListener::from(l.fd))
-        }
-        None => None,
-    };
+    let health = own.health.map(|l| {
+        info!(addr = %l.display, "health endpoint");
+        std::net::TcpListener::from(l.fd)
+    });
     let control = match args.control.clone().or_else(control::default_path) {
         Some(path) => {
             let l = control::bind(&path)?;
             info!(path = %path.display(), "control socket");
             Some((l, path))
         }
-        None => None,
-    };
-    let manager = match env.notify_socket.as_ref().and_then(|v| v.to_str()) {
-        Some(v) => Some(manager::Manager::new(v).context("NOTIFY_SOCKET")?),
         None => None,
     };
     let plan =
@@ -286,8 +291,22 @@ fn setup(
         notify_socket: text(&env.notify_socket),
         watchdog_usec: text(&env.watchdog_usec),
         watchdog_pid: text(&env.watchdog_pid),
+        fdstore: text(&env.fdstore),
     };
+    s.fd_store = store;
     Ok(s)
+}
+
+/// What `--health` says: a TCP address.
+fn health_spec(args: &cli::RunArgs) -> Result<Option<listen::ListenSpec>> {
+    let Some(addr) = &args.health else {
+        return Ok(None);
+    };
+    let spec: listen::ListenSpec = addr.parse().map_err(|e| anyhow::anyhow!("--health: {e}"))?;
+    if !matches!(spec.addr, listen::Addr::Tcp(_)) {
+        bail!("--health {addr}: expected HOST:PORT");
+    }
+    Ok(Some(spec))
 }
 
 /// `--user` / `--group`, resolved once, before any fork (the lookups may read files and

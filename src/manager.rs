@@ -6,7 +6,11 @@
 //! call and cannot reach an abstract (`@…`) address, while herder must unset that variable
 //! before any thread exists; so the transport — one unbound datagram socket and a stored
 //! address — is ours. Sending never blocks the loop and never fails it: systemd may be gone.
+//! File descriptors for systemd's fd store go the same way, as SCM_RIGHTS (sd_notify(3)
+//! `FDSTORE=1`, `FDSTOREREMOVE=1`, `FDNAME=`); what to store is src/fdstore.rs's business.
 
+use std::io::IoSlice;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::time::Duration;
@@ -72,6 +76,62 @@ impl Manager {
             warned: false,
             mainpid: (!started_by_the_manager()).then(std::process::id),
         })
+    }
+
+    /// A second handle on the same socket and address, for the fd store (src/fdstore.rs): it
+    /// logs its own failures once, and never sends MAINPID=.
+    pub fn try_clone(&self) -> std::io::Result<Manager> {
+        Ok(Manager {
+            sock: self.sock.try_clone()?,
+            addr: self.addr.clone(),
+            warned: false,
+            mainpid: None,
+        })
+    }
+
+    /// `FDSTORE=1` + `FDNAME=name`, with `fd` as SCM_RIGHTS in the same datagram
+    /// (sd_pid_notify_with_fds(3)): systemd keeps a copy of it and passes it back through
+    /// LISTEN_FDS/LISTEN_FDNAMES when the service starts again. `name` must be a valid FDNAME=
+    /// (at most 255 characters, no control character or ':'; systemd ignores others).
+    /// Whether the datagram went out; a failure is logged once.
+    pub fn store_fd(&mut self, name: &str, fd: BorrowedFd<'_>) -> bool {
+        self.send_fds(&format!("FDSTORE=1\nFDNAME={name}\n"), &[fd])
+    }
+
+    /// `FDSTOREREMOVE=1` + `FDNAME=name`: systemd closes every fd it stores under `name`.
+    pub fn remove_stored(&mut self, name: &str) -> bool {
+        self.send_fds(&format!("FDSTOREREMOVE=1\nFDNAME={name}\n"), &[])
+    }
+
+    fn send_fds(&mut self, text: &str, fds: &[BorrowedFd<'_>]) -> bool {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
+        debug!(message = %text.trim_end().replace('\n', " "), fds = fds.len(), "fd store");
+        let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        let cmsgs = [ControlMessage::ScmRights(&raw)];
+        let cmsgs = if raw.is_empty() { &[][..] } else { &cmsgs[..] };
+        let to = match (self.addr.as_pathname(), self.addr.as_abstract_name()) {
+            (Some(p), _) => UnixAddr::new(p),
+            (None, Some(n)) => UnixAddr::new_abstract(n),
+            (None, None) => Err(nix::Error::EDESTADDRREQ),
+        };
+        let sent = to.and_then(|to| {
+            let iov = [IoSlice::new(text.as_bytes())];
+            sendmsg(
+                self.sock.as_raw_fd(),
+                &iov,
+                cmsgs,
+                MsgFlags::empty(),
+                Some(&to),
+            )
+        });
+        if let Err(e) = sent {
+            if !self.warned {
+                warn!("cannot send to the service manager's fd store: {e}");
+                self.warned = true;
+            }
+            return false;
+        }
+        true
     }
 
     /// Sends one datagram. Failures are logged once and otherwise ignored: systemd may be gone.

@@ -87,6 +87,8 @@ pub struct State {
     pub notify_socket: Option<String>,
     pub watchdog_usec: Option<String>,
     pub watchdog_pid: Option<String>,
+    /// `FDSTORE` (systemd ≥ 254): the fd store the sockets are kept in.
+    pub fdstore: Option<String>,
     /// RLIMIT_NOFILE as the first image found it (the workers' limit).
     pub nofile: Option<(u64, u64)>,
     /// Clients of `herder upgrade --wait`, answered by the new image.

@@ -11,63 +11,61 @@ use nix::sys::socket::{getsockopt, sockopt};
 use socket2::{Domain, SockAddr, Socket, Type};
 
 use super::{describe, Addr, ListenError, ListenSpec, Listener};
+
 /// Binds one `--listen` socket. `reuseport` sets SO_REUSEPORT so that per-slot siblings can
 /// join it.
 pub fn bind(spec: &ListenSpec, reuseport: bool) -> Result<Listener, ListenError> {
-    let name = spec.name.clone().unwrap_or_else(|| "unknown".into());
     let shown = spec.addr.to_string();
-    match &spec.addr {
-        Addr::Tcp(a) | Addr::Udp(a) => {
-            let stream = matches!(spec.addr, Addr::Tcp(_));
-            let sock = bind_inet(*a, stream, reuseport, &shown)?;
-            let display = sock
-                .local_addr()
-                .ok()
-                .map(|l| describe(&l))
-                .unwrap_or(shown);
-            let display = if stream {
-                display
-            } else {
-                format!("udp:{display}")
-            };
-            Ok(Listener {
-                fd: sock.into(),
-                name,
-                display,
-                owned_path: None,
-                reusable: true,
-            })
-        }
+    let sock = match &spec.addr {
+        Addr::Tcp(a) => bind_inet(*a, true, reuseport, &shown)?,
+        Addr::Udp(a) => bind_inet(*a, false, reuseport, &shown)?,
         Addr::UnixPath(p) => {
             remove_stale(p)?;
-            unix_listener(p.clone(), Some(p.clone()), name, shown)
+            bind_unix(&unix_addr(p.clone(), &shown)?, &shown)?
         }
         Addr::UnixAbstract(n) => {
             // socket2 takes an abstract name as a path with a leading NUL (unix(7)).
             let raw: Vec<u8> = std::iter::once(0).chain(n.iter().copied()).collect();
-            unix_listener(PathBuf::from(OsString::from_vec(raw)), None, name, shown)
+            bind_unix(
+                &unix_addr(PathBuf::from(OsString::from_vec(raw)), &shown)?,
+                &shown,
+            )?
         }
+    };
+    Ok(listener(spec, sock.into()))
+}
+
+/// The [`Listener`] for `spec` over a socket already bound to what it names: one [`bind`] just
+/// made, or one herder kept in systemd's fd store (src/fdstore.rs checks that it matches).
+pub fn listener(spec: &ListenSpec, fd: OwnedFd) -> Listener {
+    let name = spec.name.clone().unwrap_or_else(|| "unknown".into());
+    let shown = spec.addr.to_string();
+    let bound = |fd: &OwnedFd| {
+        socket2::SockRef::from(fd)
+            .local_addr()
+            .ok()
+            .map(|l| describe(&l))
+    };
+    let (display, owned_path, reusable) = match &spec.addr {
+        Addr::Tcp(_) => (bound(&fd).unwrap_or(shown), None, true),
+        Addr::Udp(_) => (format!("udp:{}", bound(&fd).unwrap_or(shown)), None, true),
+        Addr::UnixPath(p) => (shown, Some(p.clone()), false),
+        Addr::UnixAbstract(_) => (shown, None, false),
+    };
+    Listener {
+        fd,
+        name,
+        display,
+        owned_path,
+        reusable,
     }
 }
 
-/// A listening unix stream socket at `path` (a leading NUL: the abstract namespace).
-fn unix_listener(
-    path: PathBuf,
-    owned_path: Option<PathBuf>,
-    name: String,
-    shown: String,
-) -> Result<Listener, ListenError> {
-    let addr = SockAddr::unix(&path).map_err(|source| ListenError::Bind {
-        addr: shown.clone(),
+/// A unix socket address for `path` (a leading NUL: the abstract namespace).
+fn unix_addr(path: PathBuf, shown: &str) -> Result<SockAddr, ListenError> {
+    SockAddr::unix(path).map_err(|source| ListenError::Bind {
+        addr: shown.to_string(),
         source,
-    })?;
-    let sock = bind_unix(&addr, &shown)?;
-    Ok(Listener {
-        fd: sock.into(),
-        name,
-        display: shown,
-        owned_path,
-        reusable: false,
     })
 }
 

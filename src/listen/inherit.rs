@@ -137,8 +137,11 @@ pub fn parse_env(
     Ok(Some((count, names)))
 }
 
-/// `sd_listen_fds_with_names(3)`: the inherited sockets, validated and made close-on-exec.
-pub fn inherit(env: &InheritedEnv, my_pid: u32) -> Result<Vec<Listener>, ListenError> {
+/// `sd_listen_fds_with_names(3)` before any fd is judged: fds 3.. with their names, each
+/// checked to be open and now owned. Judging them is the caller's: the service manager's sockets
+/// go through [`validate_inherited`], herder's own stored ones (src/fdstore.rs) are told apart by
+/// their names first, because they need not be what a socket unit passes.
+pub fn inherit_fds(env: &InheritedEnv, my_pid: u32) -> Result<Vec<(OwnedFd, String)>, ListenError> {
     let Some((count, names)) = parse_env(env, my_pid)? else {
         return Ok(Vec::new());
     };
@@ -153,14 +156,14 @@ pub fn inherit(env: &InheritedEnv, my_pid: u32) -> Result<Vec<Listener>, ListenE
     for (i, name) in names.into_iter().enumerate() {
         let fd = LISTEN_FDS_START + i as RawFd;
         // SAFETY: the fd is open (checked above) and, per the LISTEN_FDS protocol, ours alone.
-        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-        let listener = validate_inherited(owned, name)?;
-        out.push(listener);
+        out.push((unsafe { OwnedFd::from_raw_fd(fd) }, name));
     }
     Ok(out)
 }
 
-fn validate_inherited(fd: OwnedFd, name: String) -> Result<Listener, ListenError> {
+/// One socket the service manager passed, checked (a socket; a stream one listening) and made
+/// close-on-exec.
+pub fn validate_inherited(fd: OwnedFd, name: String) -> Result<Listener, ListenError> {
     let raw = fd.as_raw_fd();
     let stat =
         nix::sys::stat::fstat(raw).map_err(|source| ListenError::Inspect { fd: raw, source })?;

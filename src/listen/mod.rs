@@ -23,9 +23,9 @@ use thiserror::Error;
 
 use inherit::FDNAME_MAX;
 
-pub use bind::{bind, has_reuseport, sibling};
-pub use inherit::{check_no_extra_fd, inherit, InheritedEnv};
-pub use set::SocketSet;
+pub use bind::{bind, has_reuseport, listener, sibling};
+pub use inherit::{check_no_extra_fd, inherit_fds, validate_inherited, InheritedEnv};
+pub use set::{SiblingChange, SocketSet};
 pub use spec::{Addr, ListenSpec};
 
 /// The first inherited fd, `SD_LISTEN_FDS_START`.

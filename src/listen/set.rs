@@ -1,7 +1,10 @@
 //! The sockets workers get: the listeners in a stable order, and with `--reuseport` one
-//! sibling set per slot, kept open across that slot's restarts.
+//! sibling set per slot, kept open across that slot's restarts. A slot's siblings may also be
+//! offered ready-made (herder's own, back from systemd's fd store); what was bound and released
+//! is kept in a journal for the fd store to mirror (src/fdstore.rs).
 
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
 use super::{has_reuseport, sibling, ListenError, Listener};
 
@@ -26,13 +29,26 @@ fn check_owner(l: &Listener) -> Result<(), ListenError> {
     Ok(())
 }
 
+/// A change to the per-slot siblings since the last [`SocketSet::take_changes`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SiblingChange {
+    /// `slot` got a freshly bound sibling of listener number `listener` (not an offered one).
+    Bound { slot: usize, listener: usize },
+    /// `slot`'s siblings were closed.
+    Released { slot: usize },
+}
+
 /// The sockets workers get, and with `--reuseport` one sibling set per slot (slot 0 uses the
 /// originals, so no socket in a SO_REUSEPORT group is ever left without an accepting worker).
 pub struct SocketSet {
     pub listeners: Vec<Listener>,
     reuseport: bool,
+    /// Each slot's siblings, one per reusable listener in listener order.
     per_slot: Vec<Option<Vec<OwnedFd>>>,
     fdnames: String,
+    /// Ready-made siblings by (slot, listener number), used instead of binding.
+    offered: BTreeMap<(usize, usize), OwnedFd>,
+    changes: Vec<SiblingChange>,
 }
 
 impl SocketSet {
@@ -61,7 +77,14 @@ impl SocketSet {
             reuseport,
             per_slot: Vec::new(),
             fdnames,
+            offered: BTreeMap::new(),
+            changes: Vec::new(),
         })
+    }
+
+    /// Whether slots get siblings of their own (`--reuseport`).
+    pub fn reuseport(&self) -> bool {
+        self.reuseport
     }
 
     pub fn fdnames(&self) -> &str {
@@ -87,10 +110,36 @@ impl SocketSet {
         }
         if self.per_slot[slot].is_none() {
             let mut set = Vec::new();
-            for l in self.listeners.iter().filter(|l| l.reusable) {
-                set.push(sibling(l)?);
+            let mut bound = Vec::new();
+            for (i, l) in self
+                .listeners
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| l.reusable)
+            {
+                if let Some(fd) = self.offered.remove(&(slot, i)) {
+                    set.push((i, fd));
+                    continue;
+                }
+                match sibling(l) {
+                    Ok(fd) => {
+                        bound.push(i);
+                        set.push((i, fd));
+                    }
+                    Err(e) => {
+                        // What was offered stays on offer; what was just bound is closed.
+                        for (i, fd) in set.into_iter().filter(|(i, _)| !bound.contains(i)) {
+                            self.offered.insert((slot, i), fd);
+                        }
+                        return Err(e);
+                    }
+                }
             }
-            self.per_slot[slot] = Some(set);
+            let changes = bound
+                .into_iter()
+                .map(|listener| SiblingChange::Bound { slot, listener });
+            self.changes.extend(changes);
+            self.per_slot[slot] = Some(set.into_iter().map(|(_, fd)| fd).collect());
         }
         let mut siblings = self.per_slot[slot].as_ref().expect("just filled").iter();
         Ok(self
@@ -109,8 +158,39 @@ impl SocketSet {
     /// Closes a removed slot's siblings (herder's copies; a draining worker keeps its own).
     pub fn release(&mut self, slot: usize) {
         if let Some(s) = self.per_slot.get_mut(slot) {
-            *s = None;
+            if s.take().is_some() {
+                self.changes.push(SiblingChange::Released { slot });
+            }
         }
+    }
+
+    /// Offers `fd` as `slot`'s sibling of listener number `listener`, to be used instead of
+    /// binding one (the caller has checked that it is bound to the same address, with
+    /// SO_REUSEPORT).
+    pub fn offer(&mut self, slot: usize, listener: usize, fd: OwnedFd) {
+        self.offered.insert((slot, listener), fd);
+    }
+
+    /// Withdraws every offer not taken (closing those fds): which (slot, listener) they were.
+    pub fn take_offers(&mut self) -> Vec<(usize, usize)> {
+        std::mem::take(&mut self.offered).into_keys().collect()
+    }
+
+    /// The siblings bound and released since the last call.
+    pub fn take_changes(&mut self) -> Vec<SiblingChange> {
+        std::mem::take(&mut self.changes)
+    }
+
+    /// `slot`'s sibling of listener number `listener`, if it has one now.
+    pub fn sibling_of(&self, slot: usize, listener: usize) -> Option<BorrowedFd<'_>> {
+        if !self.listeners.get(listener)?.reusable {
+            return None;
+        }
+        let nth = self.listeners[..listener]
+            .iter()
+            .filter(|l| l.reusable)
+            .count();
+        Some(self.per_slot.get(slot)?.as_ref()?.get(nth)?.as_fd())
     }
 
     pub fn remove_owned_paths(&self) {
@@ -160,6 +240,8 @@ impl SocketSet {
             reuseport,
             per_slot,
             fdnames,
+            offered: BTreeMap::new(),
+            changes: Vec::new(),
         }
     }
 }

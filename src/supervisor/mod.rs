@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{debug, error};
 
+use crate::fdstore::FdStore;
 use crate::health::{self, Answer, Query, Route};
 use crate::listen::SocketSet;
 use crate::manager::Manager;
@@ -59,6 +60,8 @@ pub struct Supervisor {
     reload_waiters: Vec<(u64, oneshot::Sender<Value>)>,
     /// What an in-place upgrade needs and remembers.
     pub up: UpgradeCtx,
+    /// herder's sockets in systemd's fd store: slots' siblings follow them in and out.
+    pub fd_store: FdStore,
 }
 
 impl Supervisor {
@@ -80,6 +83,7 @@ impl Supervisor {
             requests,
             reload_waiters: Vec::new(),
             up: UpgradeCtx::default(),
+            fd_store: FdStore::default(),
             health: None,
             queries_tx,
             queries,
@@ -233,7 +237,10 @@ impl Supervisor {
                         debug!(pgid, "killpg({}) failed: {e}", signal.as_str());
                     }
                 }
-                Action::ReleaseSlot { slot } => self.sockets.release(slot),
+                Action::ReleaseSlot { slot } => {
+                    self.sockets.release(slot);
+                    self.fd_store.sync(&mut self.sockets);
+                }
                 Action::Manager(msgs) => {
                     if let Some(m) = self.manager.as_mut() {
                         m.send(&msgs);
@@ -253,7 +260,9 @@ impl Supervisor {
             blame,
         };
         // Sockets and the notify channel are herder's part: their failures are herder's.
-        let fds = match self.sockets.fds_for(slot) {
+        let fds = self.sockets.fds_for(slot);
+        self.fd_store.sync(&mut self.sockets);
+        let fds = match fds {
             Ok(f) => f,
             Err(e) => return failed(126, e.to_string(), Blame::Herder),
         };

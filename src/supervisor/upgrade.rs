@@ -29,6 +29,7 @@ pub struct ManagerFacts {
     pub notify_socket: Option<String>,
     pub watchdog_usec: Option<String>,
     pub watchdog_pid: Option<String>,
+    pub fdstore: Option<String>,
 }
 
 /// Upgrades so far, for `/status` and `/metrics`.
@@ -178,6 +179,7 @@ impl Supervisor {
             notify_socket: self.up.manager.notify_socket.clone(),
             watchdog_usec: self.up.manager.watchdog_usec.clone(),
             watchdog_pid: self.up.manager.watchdog_pid.clone(),
+            fdstore: self.up.manager.fdstore.clone(),
             nofile: self.up.nofile,
             waiters: Vec::new(),
             upgrades: self.up.record.succeeded,
@@ -220,6 +222,10 @@ pub struct Resume {
     pub creds: Option<Credentials>,
     pub exe: Option<PathBuf>,
     pub args: Vec<OsString>,
+    /// `--listen`, `--health` and `--fd-store`: what the fd store is kept in step with.
+    pub listen: Vec<crate::listen::ListenSpec>,
+    pub health: Option<crate::listen::ListenSpec>,
+    pub fd_store: bool,
 }
 
 /// The new image's setup: the supervisor an earlier image handed over in `state`, with its
@@ -301,7 +307,18 @@ pub fn resume(state: State, r: Resume) -> anyhow::Result<Supervisor> {
     }
     crate::pid1::become_subreaper();
     let pool = Pool::restore(cfg, state.pool.clone(), base, now);
+    let slots = pool.slots.len();
     let mut s = Supervisor::new(pool, sockets, plan, manager, uid, notify);
+    // The store still holds what the old image put there; from now on it is kept in step.
+    s.fd_store = crate::fdstore::FdStore::resumed(
+        state.fdstore.as_deref().map(std::ffi::OsStr::new),
+        r.fd_store,
+        s.manager.as_ref(),
+        &r.listen,
+        r.health.as_ref(),
+        &mut s.sockets,
+        slots,
+    );
     s.health = state
         .health_fd
         .filter(|&fd| is_socket(fd))
@@ -322,6 +339,7 @@ pub fn resume(state: State, r: Resume) -> anyhow::Result<Supervisor> {
             notify_socket: state.notify_socket.clone(),
             watchdog_usec: state.watchdog_usec.clone(),
             watchdog_pid: state.watchdog_pid.clone(),
+            fdstore: state.fdstore.clone(),
         },
         nofile: state.nofile,
         record: record_after(&state),
