@@ -5,7 +5,8 @@ Only what python3-minimal ships (no json, no http.client: raw sockets and key=va
   get PATH                  one request; prints the body; exit 1 unless 200
   spread N                  up to 200 requests until N distinct worker pids answered; prints them
   load DIR                  4 threads of requests until DIR/stop exists (at most 120 s); writes
-                            DIR/load.out (lines ok=N, failed=N, pids=P,P, error=...); DIR/load.started after the first OK
+                            DIR/load.out (lines ok=N, failed=N, refused=N, pids=P,P, error=...); DIR/load.started
+                            after the first OK (refused: connect() said ECONNREFUSED, counted in failed too)
   slow MS DIR               GET /sleep?ms=MS; touches DIR/sent once the request is written, then
                             writes status and body to DIR/slow.out
   accepted PORT             exit 0 when the accept queue of the listening socket on PORT is empty,
@@ -13,7 +14,8 @@ Only what python3-minimal ships (no json, no http.client: raw sockets and key=va
 """
 import os, socket, sys, threading, time
 
-HOST, PORT = "127.0.0.1", 8080
+# E2E_PORT: the port of the unit under test (8080: app.socket; 8081: [8], the fd store unit)
+HOST, PORT = "127.0.0.1", int(os.environ.get("E2E_PORT", "8080"))
 
 
 def request(path, timeout=10):
@@ -62,7 +64,7 @@ def cmd_spread(n):
 
 def cmd_load(d):
     stop, lock = os.path.join(d, "stop"), threading.Lock()
-    res = {"ok": 0, "failed": 0, "errors": [], "pids": []}
+    res = {"ok": 0, "failed": 0, "refused": 0, "errors": [], "pids": []}
     pids, deadline = set(), time.monotonic() + 120
 
     def worker():
@@ -75,6 +77,7 @@ def cmd_load(d):
             with lock:
                 if err:
                     res["failed"] += 1
+                    res["refused"] += err.startswith("ConnectionRefusedError")
                     res["errors"].append(err)
                 else:
                     res["ok"] += 1
@@ -89,7 +92,7 @@ def cmd_load(d):
         t.join()
     out = os.path.join(d, "load.out")
     with open(out + ".tmp", "w") as f:
-        f.write("ok=%d\nfailed=%d\npids=%s\n" % (res["ok"], res["failed"], ",".join(map(str, sorted(pids)))))
+        f.write("ok=%d\nfailed=%d\nrefused=%d\npids=%s\n" % (res["ok"], res["failed"], res["refused"], ",".join(map(str, sorted(pids)))))
         for e in res["errors"][:10]:
             f.write("error=%s\n" % e)
     os.rename(out + ".tmp", out)  # appears complete or not at all

@@ -18,6 +18,10 @@
 #     [7] herder upgrade: a second .deb (a stamped build tag, packaging/build-deb.sh --tag) is
 #         installed over the running herder, which executes it in place under load: the same
 #         MainPID and workers, ActiveState only active/reloading, no failed request
+#     [8] the fd store: a unit with --listen (no .socket) and FileDescriptorStoreMax=16; herder is
+#         killed with SIGKILL under load, systemd restarts it, no connection is refused (and, the
+#         control, with FileDescriptorStoreMax=0 the same kill refuses some); on 257
+#         systemd-analyze fdstore lists herder's sockets by name
 #
 # Usage: tests/systemd/e2e.sh        (as root; or: cargo test --test systemd_e2e)
 # Env:   HERDER_BIN, HERDER_DEMO_BIN  binaries under test (default: target/debug/herder{,-demo})
@@ -252,6 +256,69 @@ upgrade_in_place() {
     check "herder --version is the new one: $(ct herder --version)" test "$(ct herder --version | cut -d' ' -f2)" = "$(ct dpkg-query -W -f '${Version}' herder | sed 's/-[^-]*$//')"
 }
 
+# [8] herder's own socket (--listen, no .socket unit) in the fd store: a SIGKILLed herder is
+# restarted by systemd and takes the same socket back, so no connection is refused meanwhile.
+# The control run (FileDescriptorStoreMax=0) shows the same kill refusing connections without it.
+sprop() { ct systemctl show store.service -p "$1" --value; }
+# store_kill_under_load: a client on 8081, kill -9 herder, wait for systemd's restart and the new
+# pool to answer; sets $store_res to the client's load.out.
+store_kill_under_load() {
+    local main n0
+    main=$(sprop MainPID) n0=$(sprop NRestarts)
+    ct sh -c "rm -f $RUN/stop $RUN/load.*"
+    bg_ct env E2E_PORT=8081 "${CLIENT[@]}" load $RUN
+    wait_for 10 ct test -e $RUN/load.started || { bad "load client started on 8081"; ct touch $RUN/stop; return 1; }
+    [ "$main" -gt 1 ] && ct kill -KILL "$main"
+    back() {
+        local m
+        m=$(sprop MainPID)
+        [ "$(sprop NRestarts)" = $((n0 + 1)) ] && [ "$(sprop ActiveState)" = active ] && [ "$m" != 0 ] && [ "$m" != "$main" ]
+    }
+    local t=$EPOCHREALTIME
+    wait_for 30 back
+    check "systemd restarted the SIGKILLed herder (pid $main -> $(sprop MainPID), $(elapsed "$t")s)" back
+    check "the new pool answers on 8081" wait_for 15 ct env E2E_PORT=8081 "${CLIENT[@]}" get /
+    ct touch $RUN/stop
+    wait_for 20 ct test -e $RUN/load.out || { bad "load client finished"; return 1; }
+    store_res=$(ct cat $RUN/load.out)
+}
+fd_store_restart() {
+    echo "-- [8] --listen without a .socket unit, FileDescriptorStoreMax=16: kill -9 herder under load"
+    copy_in "$here/e2e-store.service" /etc/systemd/system/store.service
+    ct systemctl daemon-reload
+    check "systemctl start store (herder binds 127.0.0.1:8081 and its --health itself)" ct systemctl start store.service
+    if [ "$SD_SUITE" = trixie ]; then
+        local fds
+        fds=$(ct systemd-analyze fdstore store.service 2>&1)
+        check "systemd-analyze fdstore lists herder's sockets by name" \
+            grep -q 'herder/listen-tcp-127\.0\.0\.1%3A8081' <<<"$fds"
+        grep -q 'herder/health-' <<<"$fds" || bad "... and the --health socket"
+        sed 's/^/        /' <<<"$fds"
+    fi
+    local store_res ok failed refused
+    store_kill_under_load || return
+    ok=$(sed -n 's/^ok=//p' <<<"$store_res") failed=$(sed -n 's/^failed=//p' <<<"$store_res")
+    refused=$(sed -n 's/^refused=//p' <<<"$store_res")
+    check "no connection refused across the kill and restart ($ok ok, $refused refused, $failed failed)" \
+        test "$refused" = 0 -a "$failed" = 0 -a "$ok" -gt 0
+    [ "$failed" = 0 ] || grep '^error=' <<<"$store_res" | sed 's/^/        /'
+    store_journal() { grep -q "socket taken back from the fd store" <<<"$(ct journalctl -u store.service --no-pager -o cat)"; }
+    check "the new herder took its socket back from the store instead of binding again" store_journal
+
+    # The control: without a store the same kill refuses connections (this check is what can fail).
+    ct mkdir -p /etc/systemd/system/store.service.d
+    ct sh -c 'printf "[Service]\nFileDescriptorStoreMax=0\n" >/etc/systemd/system/store.service.d/nostore.conf'
+    ct systemctl daemon-reload
+    ct systemctl stop store.service            # a stop empties the store; a restart would keep it
+    ct systemctl start store.service
+    store_kill_under_load || return
+    refused=$(sed -n 's/^refused=//p' <<<"$store_res")
+    check "control: with FileDescriptorStoreMax=0 the same kill refuses connections ($refused refused)" test "$refused" -gt 0
+    ct rm -f /etc/systemd/system/store.service.d/nostore.conf
+    ct systemctl daemon-reload
+    check "systemctl stop store returns 0" ct systemctl stop store.service
+}
+
 # ------------------------------------------------------------------------------------------ bookworm
 suite_bookworm() {
     echo "== bookworm: Type=notify, ExecReload=herder reload --wait"
@@ -388,6 +455,7 @@ suite_bookworm() {
     ct systemctl start app.socket
     check "after reset-failed the socket activates a healthy pool again" get_ok /
     upgrade_in_place
+    fd_store_restart
 }
 
 # ------------------------------------------------------------------------------------------ trixie
@@ -424,6 +492,7 @@ suite_trixie() {
     under_load "$old" reload_sync
     check "MainPID unchanged by the reload" test "$(prop MainPID)" = "$main"
     upgrade_in_place
+    fd_store_restart
     check "systemctl stop app returns 0" ct systemctl stop app.service
     check "herder exited 0 after the drain (Result=$(prop Result), status $(prop ExecMainStatus))" \
         test "$(prop Result)/$(prop ExecMainStatus)" = success/0
