@@ -552,6 +552,17 @@ fn start_watchdog(notifier: Arc<Notifier>) {
     }
 }
 
+/// `DEMO_LEAK_KB=N`: every `GET /` keeps N KiB more, touched and never freed — the leaking
+/// worker of the recycling tests and benchmark (`--max-memory`).
+fn leak() {
+    static LEAK_KB: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let kb = *LEAK_KB.get_or_init(|| env_u64("DEMO_LEAK_KB").unwrap_or(0) as usize);
+    if kb > 0 {
+        // Non-zero bytes, so that every page is really there (not the shared zero page).
+        mem::forget(vec![1u8; kb.saturating_mul(1024)]);
+    }
+}
+
 fn env_u64(name: &str) -> Option<u64> {
     let value = env::var(name).ok()?;
     let parsed = value.trim().parse().ok();
@@ -722,7 +733,10 @@ fn serve(fd: OwnedFd, body: &[u8]) {
 /// Answers a parsed request; false when the connection must now close.
 fn respond(conn: &Conn, req: &Request, body: &[u8], out: &mut Vec<u8>) -> bool {
     let (status, payload): (u16, &[u8]) = match req.route {
-        Route::Root => (200, body),
+        Route::Root => {
+            leak();
+            (200, body)
+        }
         Route::Sleep(ms) => {
             thread::sleep(Duration::from_millis(ms)); // a drain lets this finish
             (200, body)

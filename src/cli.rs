@@ -195,6 +195,17 @@ pub struct RunArgs {
     #[arg(long, value_parser = duration, value_name = "DUR")]
     pub worker_watchdog: Option<Duration>,
 
+    /// Recycle a worker whose memory (the PSS of its whole process tree) exceeds SIZE: its
+    /// replacement starts, then it drains. SIZE in bytes or with K, M, G (binary: 512M = 512
+    /// MiB).
+    #[arg(long, value_parser = size, value_name = "SIZE")]
+    pub max_memory: Option<u64>,
+
+    /// Recycle a worker before it is DUR old (each lives between DUR/2 and DUR, staggered over
+    /// the slots so that two never come due together).
+    #[arg(long, value_parser = duration, value_name = "DUR")]
+    pub max_lifetime: Option<Duration>,
+
     /// Run workers as this user (name or uid) after herder has bound the sockets.
     #[arg(long, value_name = "USER")]
     pub user: Option<String>,
@@ -250,6 +261,17 @@ fn duration(s: &str) -> Result<Duration, String> {
     }
 }
 
+/// `--max-memory`: `536870912`, `512M`, `1.5G`, `512MiB` (K, M, G, T are binary units, as in
+/// systemd's `MemoryMax=` and `docker run -m`). At least 1M: a smaller limit would recycle any
+/// worker at once.
+fn size(s: &str) -> Result<u64, String> {
+    match parse_size::Config::new().with_binary().parse_size(s) {
+        Ok(b) if b >= 1 << 20 => Ok(b),
+        Ok(_) => Err("out of range: at least 1M".into()),
+        Err(e) => Err(format!("'{s}' is not a size like 512M or 2G ({e})")),
+    }
+}
+
 /// A count flag's upper bound, checked in [`RunArgs::pool_config`].
 fn at_most(flag: &str, n: usize, max: usize) -> Result<(), String> {
     if n > max {
@@ -299,6 +321,12 @@ impl RunArgs {
         if self.restart_window.is_zero() {
             return Err("--restart-window must be longer than 0s".into());
         }
+        if self
+            .max_lifetime
+            .is_some_and(|d| d < Duration::from_secs(1))
+        {
+            return Err("--max-lifetime must be at least 1s".into());
+        }
         Ok(PoolConfig {
             workers,
             ready: match self.ready {
@@ -315,6 +343,8 @@ impl RunArgs {
             reload_surge: self.reload_surge,
             worker_watchdog: self.worker_watchdog,
             manager_watchdog: None,
+            max_memory: self.max_memory,
+            max_lifetime: self.max_lifetime,
         })
     }
 }

@@ -7,7 +7,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::pool::{Pool, EXIT_REASONS};
+use crate::pool::{Pool, EXIT_REASONS, RECYCLE_REASONS};
 use crate::status::{herder_state, worker_state};
 use crate::supervisor::Record;
 
@@ -91,6 +91,19 @@ pub fn render(pool: &Pool, upgrades: &Record) -> String {
         exits.get_or_create(&label("reason", reason)).inc_by(*n);
     }
     reg.register("worker_exits", "Worker exits by reason", exits);
+
+    let recycles = Family::<Labels, Counter>::default();
+    for reason in RECYCLE_REASONS {
+        recycles.get_or_create(&label("reason", reason)).inc_by(0);
+    }
+    for (reason, n) in &c.recycles {
+        recycles.get_or_create(&label("reason", reason)).inc_by(*n);
+    }
+    reg.register(
+        "recycles",
+        "Workers recycled (replaced, then drained) by reason: --max-memory, --max-lifetime",
+        recycles,
+    );
 
     let give_ups = Counter::<u64>::default();
     give_ups.inc_by(c.give_ups);

@@ -209,6 +209,8 @@ pub fn status_json(pool: &Pool, sockets: &SocketSet, upgrades: &Record, now: Ins
             "ready_workers": pool.ready_count(),
             "min_ready": pool.min_ready(),
             "restarts_total": pool.counters.restarts,
+            "recycles_total": pool.counters.recycles,
+            "recycling": pool.recycle.map(|r| json!({"slot": r.slot, "reason": r.why.name()})),
             "last_reload": last_reload,
             "gave_up": pool.gave_up,
             "resource_error": pool.resource_error,

@@ -183,7 +183,7 @@ impl Pool {
             };
             self.slots[slot].next = None;
             // (A superseded replacement left `next` before it was killed: it never gets here.)
-            self.reload_failed(why);
+            self.replacement_failed(slot, why, now);
             return;
         }
         if is_current {
@@ -254,7 +254,7 @@ impl Pool {
         if s.next == Some(id) {
             let why = format!("slot {slot}: new worker said STOPPING=1 before it was ready");
             warn!(slot, pid, "{why}");
-            self.reload_failed(why);
+            self.replacement_failed(slot, why, now);
             return;
         }
         if s.current != Some(id) {

@@ -7,10 +7,12 @@
 //!
 //! Each rule lives in one place: this file holds the pool, starting workers and the clock;
 //! [`exits`] what a worker's end (or `STOPPING=1`, or a missed watchdog) means for its slot;
-//! [`reload`] the rolling reload; [`stop`] stopping and scaling; [`snapshot`] the pool as it
+//! [`reload`] the rolling reload; [`recycle`] replacing a worker that is too big or too old;
+//! [`stop`] stopping and scaling; [`snapshot`] the pool as it
 //! crosses an in-place upgrade; [`types`] the vocabulary.
 
 mod exits;
+mod recycle;
 mod reload;
 mod snapshot;
 mod stop;
@@ -69,6 +71,11 @@ pub struct Pool {
     last_ready_at: Option<Instant>,
     next_ping: Option<Instant>,
     last_status: String,
+    /// The recycle under way (one at a time), those waiting for it, and when workers'
+    /// memory is measured next (`--max-memory`).
+    pub recycle: Option<Recycle>,
+    recycle_queue: Vec<(usize, WorkerId, RecycleWhy)>,
+    next_measure: Option<Instant>,
     out: Vec<Action>,
     manager: Vec<ManagerMsg>,
 }
@@ -97,6 +104,9 @@ impl Pool {
             last_ready_at: None,
             next_ping,
             last_status: String::new(),
+            recycle: None,
+            recycle_queue: Vec::new(),
+            next_measure: None,
             out: Vec::new(),
             manager: Vec::new(),
         }
@@ -125,7 +135,9 @@ impl Pool {
             Event::Request(r) => self.request(r, now),
             Event::Tick => self.tick(now),
             Event::Resumed => self.resumed(now),
+            Event::Measured(batch) => self.measured(batch, now),
         }
+        self.advance_recycle(now);
         self.flush(now)
     }
 
@@ -145,6 +157,7 @@ impl Pool {
             .chain(phase)
             .chain(self.next_ping)
             .chain(self.leftovers.values().copied())
+            .chain(self.recycle_deadline())
             .min()
     }
 

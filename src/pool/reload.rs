@@ -24,6 +24,7 @@ impl Pool {
             self.manager.push(ManagerMsg::Reloading);
         }
         self.reloading = true;
+        self.recycle_superseded();
         // A reload already under way starts over with the newest generation: its
         // not-yet-ready workers are pointless now.
         for slot in 0..self.slots.len() {

@@ -13,9 +13,10 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    later, Counters, Phase, Pool, PoolConfig, ReloadOutcome, Slot, State, StopWhy, Worker,
+    later, Counters, Phase, Pool, PoolConfig, Recycle, RecycleWhy, ReloadOutcome, Slot, State,
+    StopWhy, Worker,
 };
-use super::{WorkerId, EXIT_REASONS, MAX_WORKERS};
+use super::{WorkerId, EXIT_REASONS, MAX_WORKERS, RECYCLE_REASONS};
 use crate::throttle::Throttle;
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -34,6 +35,20 @@ pub struct PoolSnapshot {
     pub counters: CountersSnapshot,
     pub slots: Vec<SlotSnapshot>,
     pub workers: Vec<WorkerSnapshot>,
+    /// The recycle under way (`--max-memory`, `--max-lifetime`). What was only queued is not
+    /// carried: the new image finds it due again.
+    pub recycle: Option<RecycleSnapshot>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RecycleSnapshot {
+    pub slot: usize,
+    pub old: u64,
+    pub new: u64,
+    /// `memory` (with `bytes`) or `lifetime`.
+    pub why: String,
+    pub bytes: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -53,6 +68,7 @@ pub struct CountersSnapshot {
     pub give_ups: u64,
     pub resource_failures: u64,
     pub exits: BTreeMap<String, u64>,
+    pub recycles: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -66,6 +82,8 @@ pub struct SlotSnapshot {
     pub restarts: u32,
     pub throttle: Vec<i64>,
     pub last_exit: Option<String>,
+    pub recycle_after: Option<i64>,
+    pub recycle_failures: u32,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -196,6 +214,8 @@ impl Pool {
                 restarts: s.restarts,
                 throttle: s.throttle.history().map(e).collect(),
                 last_exit: s.last_exit.clone(),
+                recycle_after: s.recycle_after.map(e),
+                recycle_failures: s.recycle_failures,
             })
             .collect();
         let c = &self.counters;
@@ -227,9 +247,24 @@ impl Pool {
                 give_ups: c.give_ups,
                 resource_failures: c.resource_failures,
                 exits: c.exits.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+                recycles: c
+                    .recycles
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), *v))
+                    .collect(),
             },
             slots,
             workers,
+            recycle: self.recycle.map(|r| RecycleSnapshot {
+                slot: r.slot,
+                old: r.old,
+                new: r.new,
+                why: r.why.name().to_string(),
+                bytes: match r.why {
+                    RecycleWhy::Memory(b) => b,
+                    RecycleWhy::Lifetime => 0,
+                },
+            }),
         }
     }
 
@@ -298,23 +333,15 @@ impl Pool {
                         s.throttle.into_iter().map(d).collect(),
                     ),
                     last_exit: s.last_exit,
+                    recycle_after: s.recycle_after.map(d),
+                    recycle_failures: s.recycle_failures,
                 }
             })
             .collect();
         if !slots.is_empty() {
             pool.slots = slots;
         }
-        let exits = snap
-            .counters
-            .exits
-            .iter()
-            .filter_map(|(k, v)| {
-                EXIT_REASONS
-                    .iter()
-                    .find(|r| **r == k.as_str())
-                    .map(|r| (*r, *v))
-            })
-            .collect();
+        let exits = known(&snap.counters.exits, EXIT_REASONS);
         pool.counters = Counters {
             restarts: snap.counters.restarts,
             reloads_succeeded: snap.counters.reloads_succeeded,
@@ -322,6 +349,7 @@ impl Pool {
             give_ups: snap.counters.give_ups,
             resource_failures: snap.counters.resource_failures,
             exits,
+            recycles: known(&snap.counters.recycles, RECYCLE_REASONS),
         };
         pool.next_id = snap.next_id.max(workers.keys().max().map_or(1, |m| m + 1));
         pool.workers = workers;
@@ -345,6 +373,29 @@ impl Pool {
         pool.resource_error = snap.resource_error;
         pool.leftovers = snap.leftovers.into_iter().map(|(g, t)| (g, d(t))).collect();
         pool.last_ready_at = snap.last_ready_at.map(d);
+        // The recycle under way, if both its workers came across.
+        pool.recycle = snap.recycle.and_then(|r| {
+            let why = match r.why.as_str() {
+                "memory" => RecycleWhy::Memory(r.bytes),
+                "lifetime" => RecycleWhy::Lifetime,
+                _ => return None,
+            };
+            let slot = pool.slots.get(r.slot)?;
+            let named = slot.current == Some(r.old) && slot.next == Some(r.new);
+            named.then_some(Recycle {
+                slot: r.slot,
+                old: r.old,
+                new: r.new,
+                why,
+            })
+        });
         pool
     }
+}
+
+/// A counter map of the snapshot, with only the names this image counts by.
+fn known(m: &BTreeMap<String, u64>, names: &[&'static str]) -> BTreeMap<&'static str, u64> {
+    m.iter()
+        .filter_map(|(k, v)| names.iter().find(|r| **r == k.as_str()).map(|r| (*r, *v)))
+        .collect()
 }

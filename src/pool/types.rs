@@ -34,6 +34,10 @@ pub struct PoolConfig {
     pub worker_watchdog: Option<Duration>,
     /// systemd's WatchdogSec= for herder itself (WATCHDOG_USEC).
     pub manager_watchdog: Option<Duration>,
+    /// `--max-memory`: a worker whose process tree's PSS exceeds this many bytes is recycled.
+    pub max_memory: Option<u64>,
+    /// `--max-lifetime`: a worker is recycled before it is this old (staggered over slots).
+    pub max_lifetime: Option<Duration>,
 }
 
 /// How a worker process ended, as `waitpid(2)` reported it.
@@ -131,6 +135,9 @@ pub enum Event {
     Tick,
     /// This image took the pool over from an earlier one (`herder upgrade`).
     Resumed,
+    /// The answer to [`Action::Measure`]: each worker's memory (PSS of its process tree, in
+    /// bytes); a worker that could not be measured (it is gone) is left out.
+    Measured(Vec<(WorkerId, u64)>),
 }
 
 /// sd_notify(3) messages for herder's own service manager.
@@ -171,6 +178,9 @@ pub enum Action {
     ReleaseSlot {
         slot: usize,
     },
+    /// Measure these workers' memory (`--max-memory`) and report [`Event::Measured`] next,
+    /// before any other event.
+    Measure(Vec<(WorkerId, i32)>),
     /// One datagram to the service manager.
     Manager(Vec<ManagerMsg>),
     Exit(i32),
@@ -249,6 +259,10 @@ pub struct Slot {
     /// This slot's restarts within `--restart-window` (the give-up rule is per slot).
     pub throttle: Throttle,
     pub last_exit: Option<String>,
+    /// A recycle's replacement failed: none again before this.
+    pub recycle_after: Option<Instant>,
+    /// Consecutive failed recycles, for that backoff.
+    pub recycle_failures: u32,
 }
 
 impl Slot {
@@ -262,6 +276,8 @@ impl Slot {
             restarts: 0,
             throttle: Throttle::new(cfg.restart_limit, cfg.restart_window),
             last_exit: None,
+            recycle_after: None,
+            recycle_failures: 0,
         }
     }
 }
@@ -306,6 +322,39 @@ pub struct Counters {
     pub resource_failures: u64,
     /// Worker exits by reason: see [`EXIT_REASONS`].
     pub exits: BTreeMap<&'static str, u64>,
+    /// Recycles started, by [`RecycleWhy::name`]: `memory`, `lifetime`.
+    pub recycles: BTreeMap<&'static str, u64>,
+}
+
+/// Why a worker is recycled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecycleWhy {
+    /// Its process tree's PSS, in bytes, above `--max-memory`.
+    Memory(u64),
+    /// It reached `--max-lifetime`.
+    Lifetime,
+}
+
+impl RecycleWhy {
+    /// The `reason` label of `herder_recycles_total`.
+    pub fn name(self) -> &'static str {
+        match self {
+            RecycleWhy::Memory(_) => "memory",
+            RecycleWhy::Lifetime => "lifetime",
+        }
+    }
+}
+
+/// Every reason `/metrics` counts recycles by.
+pub const RECYCLE_REASONS: &[&str] = &["memory", "lifetime"];
+
+/// A recycle under way: `new` starts in `slot` beside `old`; once it is ready, `old` drains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recycle {
+    pub slot: usize,
+    pub old: WorkerId,
+    pub new: WorkerId,
+    pub why: RecycleWhy,
 }
 
 /// Every reason `/metrics` counts worker exits by.

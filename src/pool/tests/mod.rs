@@ -1,8 +1,9 @@
 //! Unit tests of the pure core: events in, actions out, a fake clock, no processes. The
 //! harness is here; the tables of cases are grouped like the core: [`lifecycle`], [`restart`],
-//! [`reload`], [`stop`].
+//! [`reload`], [`recycle`], [`stop`].
 
 mod lifecycle;
+mod recycle;
 mod reload;
 mod restart;
 mod snapshot;
@@ -28,6 +29,8 @@ fn cfg(workers: usize) -> PoolConfig {
         reload_surge: 1,
         worker_watchdog: None,
         manager_watchdog: None,
+        max_memory: None,
+        max_lifetime: None,
     }
 }
 
