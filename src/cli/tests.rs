@@ -1,0 +1,172 @@
+//! The command line's unit tests: parsing, bounds.
+
+use super::*;
+use proptest::prelude::*;
+use std::time::Instant;
+
+fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+    Cli::try_parse_from(std::iter::once("herder").chain(args.iter().copied()))
+}
+
+#[test]
+fn command_after_double_dash() {
+    let cli = parse(&["-w", "3", "--", "server", "--port", "1"]).unwrap();
+    assert_eq!(cli.run.workers, Some(3));
+    assert_eq!(cli.run.command, vec!["server", "--port", "1"]);
+}
+
+#[test]
+fn no_command_is_an_error() {
+    assert!(parse(&["-w", "3"]).is_err());
+}
+
+#[test]
+fn signals_by_name_and_number() {
+    assert_eq!(signal("TERM").unwrap(), Signal::SIGTERM);
+    assert_eq!(signal("sigint").unwrap(), Signal::SIGINT);
+    assert_eq!(signal("9").unwrap(), Signal::SIGKILL);
+    assert!(signal("NOPE").is_err());
+}
+
+#[test]
+fn zero_workers_is_refused() {
+    let cli = parse(&["-w", "0", "--", "x"]).unwrap();
+    assert!(cli.run.pool_config(2).is_err());
+    let cli = parse(&["--", "x"]).unwrap();
+    assert_eq!(cli.run.pool_config(4).unwrap().workers, 4);
+}
+
+#[test]
+fn durations() {
+    let cli = parse(&["--drain-timeout", "500ms", "--", "x"]).unwrap();
+    assert_eq!(cli.run.drain_timeout, Duration::from_millis(500));
+    assert!(parse(&["--drain-timeout", "soon", "--", "x"]).is_err());
+}
+
+const DURATION_FLAGS: [&str; 5] = [
+    "--ready-timeout",
+    "--drain-timeout",
+    "--shutdown-delay",
+    "--restart-window",
+    "--worker-watchdog",
+];
+
+#[test]
+fn every_duration_flag_is_bounded() {
+    for flag in DURATION_FLAGS {
+        let cli = parse(&[flag, "365d", "--", "x"]).unwrap();
+        cli.run.pool_config(1).unwrap();
+        for huge in ["365d 1ns", "500000000000years", "99999999999999999999999s"] {
+            let e = parse(&[flag, huge, "--", "x"]).unwrap_err().to_string();
+            assert!(
+                e.contains("out of range: at most 365d"),
+                "{flag} {huge}: {e}"
+            );
+        }
+    }
+    assert!(parse(&["reload", "--timeout", "365d"]).is_ok());
+    let e = parse(&["reload", "--timeout", "366d"])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("out of range"), "{e}");
+}
+
+#[test]
+fn the_minimums_stay() {
+    let cli = parse(&["--worker-watchdog", "9ms", "--", "x"]).unwrap();
+    assert!(cli.run.pool_config(1).is_err());
+    let cli = parse(&["--restart-window", "0s", "--", "x"]).unwrap();
+    assert!(cli.run.pool_config(1).is_err());
+}
+
+#[test]
+fn the_largest_sums_from_the_configuration_do_not_overflow() {
+    // pool.rs: now + shutdown_delay + drain_timeout + 5s (the stop budget) is the largest.
+    let budget = MAX_DURATION + MAX_DURATION + Duration::from_secs(5);
+    assert!(Instant::now().checked_add(budget).is_some());
+    assert!(
+        u64::try_from(MAX_DURATION.as_micros()).is_ok(),
+        "WATCHDOG_USEC"
+    );
+}
+
+#[test]
+fn every_count_is_bounded() {
+    let max = MAX_WORKERS.to_string();
+    let over = (MAX_WORKERS + 1).to_string();
+    for flag in ["--workers", "--reload-surge", "--min-ready"] {
+        let cli = parse(&[flag, &max, "--", "x"]).unwrap();
+        cli.run.pool_config(1).unwrap();
+        let cli = parse(&[flag, &over, "--", "x"]).unwrap();
+        let e = cli.run.pool_config(1).unwrap_err();
+        assert_eq!(e, format!("{flag} {over} is out of range: at most {max}"));
+    }
+}
+
+#[test]
+fn the_help_states_the_bounds() {
+    assert_eq!(
+        humantime::parse_duration(MAX_DURATION_TEXT).unwrap(),
+        MAX_DURATION
+    );
+    assert!(EXIT_CODES.contains(&format!("at most {MAX_DURATION_TEXT}")));
+    assert!(EXIT_CODES.contains(&format!("at most {MAX_WORKERS}")));
+}
+
+/// Strings that look like durations, so that the boundary gets hit, not only garbage.
+fn duration_like() -> impl Strategy<Value = String> {
+    let unit = prop::sample::select(vec![
+        "ns", "us", "ms", "s", "m", "h", "d", "w", "months", "y", "years", "", "x",
+    ]);
+    let part = ("[0-9]{1,22}", prop::option::of("\\.[0-9]{1,12}"), unit)
+        .prop_map(|(n, f, u)| format!("{n}{}{u}", f.unwrap_or_default()));
+    prop::collection::vec(part, 1..4).prop_map(|p| p.join(" "))
+}
+
+proptest! {
+    #[test]
+    fn the_duration_parser_accepts_exactly_what_is_in_range(
+        s in prop_oneof![any::<String>(), duration_like()]
+    ) {
+        match (duration(&s), humantime::parse_duration(&s)) {
+            (Ok(d), Ok(h)) => prop_assert!(d == h && d <= MAX_DURATION),
+            (Err(e), Ok(h)) => {
+                prop_assert!(h > MAX_DURATION, "{s}: {e}");
+                prop_assert!(e.contains("out of range"));
+            }
+            (Err(_), Err(_)) => {}
+            (Ok(d), Err(e)) => prop_assert!(false, "{s}: {d:?} but humantime says {e}"),
+        }
+    }
+
+    #[test]
+    fn durations_round_trip_through_humantime(
+        secs in 0..=MAX_DURATION.as_secs() + 2,
+        nanos in 0..1_000_000_000u32,
+    ) {
+        let d = Duration::new(secs, nanos);
+        let text = humantime::format_duration(d).to_string();
+        if d <= MAX_DURATION {
+            prop_assert_eq!(duration(&text), Ok(d), "{}", text);
+        } else {
+            prop_assert!(duration(&text).unwrap_err().contains("out of range"));
+        }
+    }
+
+    #[test]
+    fn huge_durations_are_out_of_range(secs in MAX_DURATION.as_secs()..=u64::MAX) {
+        let text = humantime::format_duration(Duration::new(secs, 1)).to_string();
+        prop_assert!(duration(&text).unwrap_err().contains("out of range"));
+    }
+
+    #[test]
+    fn counts_are_accepted_exactly_in_range(
+        n in prop_oneof![0..=MAX_WORKERS + 2, any::<usize>()],
+        which in 0..3usize,
+    ) {
+        let flag = ["--workers", "--reload-surge", "--min-ready"][which];
+        let cli = parse(&[flag, &n.to_string(), "--", "x"]).unwrap();
+        let ok = cli.run.pool_config(1).is_ok();
+        prop_assert_eq!(ok, (1..=MAX_WORKERS).contains(&n));
+    }
+}
