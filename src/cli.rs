@@ -1,17 +1,24 @@
 //! The command line: clap definitions and their translation into a validated [`PoolConfig`].
 //!
-//! This module owns the contract of `PRODUCT.md` (flag names, defaults, exit codes in `--help`).
-//! It must never touch the process: no sockets, no signals, no environment changes.
+//! This module owns the contract of `PRODUCT.md` (flag names and their `HERDER_*` variables,
+//! defaults, exit codes in `--help`) and what is generated from it: the man page, the
+//! completions. It must never touch the process: no sockets, no signals; it reads the
+//! environment (`env`) but never changes it.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use clap::builder::BoolishValueParser;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use nix::sys::signal::Signal;
 
 use crate::listen::ListenSpec;
 use crate::pool::{PoolConfig, ReadyMode};
+
+mod env;
+
+pub use env::{own_vars, FromEnv, ListenArg};
 
 /// The longest duration any flag takes: 365 days. Far longer than any sensible timeout,
 /// window or delay (a drain that may last a year is no drain), and short enough that every
@@ -122,7 +129,7 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct ControlArg {
     /// The running herder's control socket [default: $RUNTIME_DIRECTORY/herder.sock]
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, env = "HERDER_CONTROL", value_name = "PATH")]
     pub control: Option<PathBuf>,
 }
 
@@ -132,90 +139,141 @@ pub enum Generate {
     Completions,
 }
 
+/// The run command's options. Every visible one can also be set as `HERDER_<LONG_NAME>`
+/// (clap's `env`, read only when the option is not on the command line; a unit test holds each
+/// new option to it). Flags take 1/0, true/false, yes/no, on/off there.
 #[derive(Debug, Args)]
 pub struct RunArgs {
     // (An explicit help text: rustdoc would read "[V6]" in a doc comment as a link.)
     #[arg(
         short,
         long,
+        env = "HERDER_LISTEN",
+        value_parser = env::ListenParser,
         value_name = "[NAME=]ADDR",
         help = "Bind a socket herder owns: HOST:PORT or [V6]:PORT (TCP), udp:HOST:PORT, unix:/path, \
-                unix:@abstract. NAME goes into LISTEN_FDNAMES. Repeatable. Sockets inherited through \
-                LISTEN_FDS come first."
+                unix:@abstract. NAME goes into LISTEN_FDNAMES. Repeatable; in HERDER_LISTEN, \
+                separated by whitespace. Sockets inherited through LISTEN_FDS come first."
     )]
-    pub listen: Vec<ListenSpec>,
+    pub listen: Vec<ListenArg>,
 
     /// Pool size [default: the number of CPUs available to herder]
-    #[arg(short, long, value_name = "N")]
+    #[arg(short, long, env = "HERDER_WORKERS", value_name = "N")]
     pub workers: Option<usize>,
 
     /// Give each worker slot its own SO_REUSEPORT socket on the same address; herder keeps it
     /// open across that slot's restarts.
-    #[arg(long)]
+    #[arg(long, env = "HERDER_REUSEPORT", value_parser = BoolishValueParser::new())]
     pub reuseport: bool,
 
     /// When a worker counts as ready: right after exec, or when it sends READY=1 to herder's
     /// NOTIFY_SOCKET.
-    #[arg(long, value_enum, default_value = "exec", value_name = "exec|notify")]
+    #[arg(
+        long,
+        env = "HERDER_READY",
+        value_enum,
+        default_value = "exec",
+        value_name = "exec|notify"
+    )]
     pub ready: ReadyArg,
 
     /// A worker not ready by then is killed and counted as a failed start.
-    #[arg(long, value_parser = duration, default_value = "60s", value_name = "DUR")]
+    #[arg(
+        long,
+        env = "HERDER_READY_TIMEOUT",
+        value_parser = duration,
+        default_value = "60s",
+        value_name = "DUR"
+    )]
     pub ready_timeout: Duration,
 
     /// How many ready workers make the pool ready (READY=1) [default: all]
-    #[arg(long, value_name = "N")]
+    #[arg(long, env = "HERDER_MIN_READY", value_name = "N")]
     pub min_ready: Option<usize>,
 
     /// Signal sent to a worker to make it drain.
-    #[arg(long, value_parser = signal, default_value = "TERM", value_name = "SIG")]
+    #[arg(
+        long,
+        env = "HERDER_STOP_SIGNAL",
+        value_parser = signal,
+        default_value = "TERM",
+        value_name = "SIG"
+    )]
     pub stop_signal: Signal,
 
     /// How long a draining worker may take before SIGKILL.
-    #[arg(long, value_parser = duration, default_value = "30s", value_name = "DUR")]
+    #[arg(
+        long,
+        env = "HERDER_DRAIN_TIMEOUT",
+        value_parser = duration,
+        default_value = "30s",
+        value_name = "DUR"
+    )]
     pub drain_timeout: Duration,
 
     /// Lame duck: on SIGTERM keep serving (but report not ready) this long, then drain.
-    #[arg(long, value_parser = duration, default_value = "0s", value_name = "DUR")]
+    #[arg(
+        long,
+        env = "HERDER_SHUTDOWN_DELAY",
+        value_parser = duration,
+        default_value = "0s",
+        value_name = "DUR"
+    )]
     pub shutdown_delay: Duration,
 
     /// More than N restarts within --restart-window: give up (drain the pool, exit 1).
-    #[arg(long, default_value_t = 10, value_name = "N")]
+    #[arg(
+        long,
+        env = "HERDER_RESTART_LIMIT",
+        default_value_t = 10,
+        value_name = "N"
+    )]
     pub restart_limit: u32,
 
     /// The window for --restart-limit.
-    #[arg(long, value_parser = duration, default_value = "60s", value_name = "DUR")]
+    #[arg(
+        long,
+        env = "HERDER_RESTART_WINDOW",
+        value_parser = duration,
+        default_value = "60s",
+        value_name = "DUR"
+    )]
     pub restart_window: Duration,
 
     /// Slots replaced at once during a rolling reload.
-    #[arg(long, default_value_t = 1, value_name = "N")]
+    #[arg(
+        long,
+        env = "HERDER_RELOAD_SURGE",
+        default_value_t = 1,
+        value_name = "N"
+    )]
     pub reload_surge: usize,
 
     /// Workers get WATCHDOG_USEC; one that stops sending WATCHDOG=1 is killed and restarted.
-    #[arg(long, value_parser = duration, value_name = "DUR")]
+    #[arg(long, env = "HERDER_WORKER_WATCHDOG", value_parser = duration, value_name = "DUR")]
     pub worker_watchdog: Option<Duration>,
 
     /// Run workers as this user (name or uid) after herder has bound the sockets.
-    #[arg(long, value_name = "USER")]
+    #[arg(long, env = "HERDER_USER", value_name = "USER")]
     pub user: Option<String>,
 
     /// Run workers with this group (name or gid) [default: the user's primary group].
-    #[arg(long, value_name = "GROUP")]
+    #[arg(long, env = "HERDER_GROUP", value_name = "GROUP")]
     pub group: Option<String>,
 
     /// Serve /livez, /readyz, /status (JSON) and /metrics (Prometheus) over HTTP on this address.
-    #[arg(long, value_name = "HOST:PORT")]
+    #[arg(long, env = "HERDER_HEALTH", value_name = "HOST:PORT")]
     pub health: Option<String>,
 
     /// Push herder's own sockets (--listen, --reuseport siblings, --health) into systemd's fd
     /// store even without $FDSTORE (systemd 252 does not set it); the unit needs
     /// FileDescriptorStoreMax=. With $FDSTORE (systemd 254 and later) they are pushed anyway.
-    #[arg(long)]
+    #[arg(long, env = "HERDER_FD_STORE", value_parser = BoolishValueParser::new())]
     pub fd_store: bool,
 
     /// The control socket for `herder status|reload|scale|stop` (mode 0600)
     /// [default: $RUNTIME_DIRECTORY/herder.sock under systemd, else none]
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, env = "HERDER_CONTROL", value_name = "PATH")]
     pub control: Option<PathBuf>,
 
     /// Say whether this binary can take over a running herder's state of this format (exit 0)
@@ -227,6 +285,10 @@ pub struct RunArgs {
     /// The program every worker runs, and its arguments.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
+
+    /// Which options came from the environment, to name the variable in a later error.
+    #[arg(skip)]
+    pub from_env: FromEnv,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -274,6 +336,20 @@ pub fn signal(s: &str) -> Result<Signal, String> {
 }
 
 impl RunArgs {
+    /// Every `--listen` socket, in order (one `HERDER_LISTEN` may list several).
+    pub fn listen(&self) -> Vec<ListenSpec> {
+        self.listen
+            .iter()
+            .flat_map(|l| l.0.iter().cloned())
+            .collect()
+    }
+
+    /// A setup error, with the variable in front when it is about an option from the
+    /// environment: `HERDER_WORKERS=0: --workers must be at least 1`.
+    pub fn explain(&self, msg: String) -> String {
+        self.from_env.explain(msg)
+    }
+
     /// Turns the flags into the pool's configuration; `cpus` is the default pool size.
     pub fn pool_config(&self, cpus: usize) -> Result<PoolConfig, String> {
         let workers = self.workers.unwrap_or(cpus.max(1));
@@ -319,16 +395,30 @@ impl RunArgs {
     }
 }
 
-/// Parses the command line; on a usage error prints one line and exits 2 (help and version
-/// exit 0).
-pub fn parse() -> Cli {
-    use clap::{CommandFactory, FromArgMatches};
+/// herder's whole command line, as `--help`, the man page and the completions show it.
+pub fn command() -> clap::Command {
+    use clap::CommandFactory;
     // `--version` says what `/status` says: the package version and a stamped build tag.
     let version: &'static str = Box::leak(crate::upgrade::version().into_boxed_str());
-    let parsed = Cli::command()
+    // The help must not depend on the environment: the variables' names, never their values.
+    let hide = |a: clap::Arg| a.hide_env_values(true);
+    Cli::command()
         .version(version)
-        .try_get_matches()
-        .and_then(|m| Cli::from_arg_matches(&m));
+        .mut_args(hide)
+        .mut_subcommands(move |s| s.mut_args(hide))
+}
+
+/// Parses the command line (and the `HERDER_*` environment); on a usage error prints one line
+/// and exits 2 (help and version exit 0).
+pub fn parse() -> Cli {
+    use clap::FromArgMatches;
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    let cmd = command();
+    let parsed = cmd.clone().try_get_matches_from(&argv).and_then(|m| {
+        let mut cli = Cli::from_arg_matches(&m)?;
+        cli.run.from_env = FromEnv::of(&cmd, &m);
+        Ok(cli)
+    });
     match parsed {
         Ok(cli) => cli,
         Err(e) => {
@@ -348,6 +438,8 @@ pub fn parse() -> Cli {
             let hint = if matches!(e.kind(), MissingRequiredArgument) && text.contains("<COMMAND>")
             {
                 "no COMMAND: usage is herder [OPTIONS] -- COMMAND [ARG]...".to_string()
+            } else if let Some(setting) = env::culprit(&e, &cmd, &argv) {
+                format!("{setting}: {first}")
             } else {
                 first.to_string()
             };
@@ -359,9 +451,8 @@ pub fn parse() -> Cli {
 
 /// Writes the man page or the shell completions generated from these definitions.
 pub fn generate(what: Generate, dir: &std::path::Path) -> std::io::Result<()> {
-    use clap::CommandFactory;
     std::fs::create_dir_all(dir)?;
-    let mut cmd = Cli::command();
+    let mut cmd = command();
     match what {
         Generate::Man => {
             let mut out = std::fs::File::create(dir.join("herder.1"))?;

@@ -1,4 +1,4 @@
-//! The command line's unit tests: parsing, bounds.
+//! The command line's unit tests: parsing, bounds, and the environment's part in it.
 
 use super::*;
 use proptest::prelude::*;
@@ -169,4 +169,113 @@ proptest! {
         let ok = cli.run.pool_config(1).is_ok();
         prop_assert_eq!(ok, (1..=MAX_WORKERS).contains(&n));
     }
+}
+
+// The environment's part: `HERDER_<LONG_NAME>` for every option.
+
+/// `--drain-timeout` → `HERDER_DRAIN_TIMEOUT`.
+fn variable_for(long: &str) -> String {
+    format!("HERDER_{}", long.to_ascii_uppercase().replace('-', "_"))
+}
+
+fn built() -> clap::Command {
+    let mut cmd = command();
+    cmd.build();
+    cmd
+}
+
+#[test]
+fn every_visible_run_option_has_its_variable() {
+    let cmd = built();
+    let mut checked = 0;
+    for a in cmd.get_arguments() {
+        let id = a.get_id().as_str();
+        let env = a.get_env().map(|v| v.to_string_lossy().into_owned());
+        let Some(long) = a.get_long() else {
+            assert_eq!(env, None, "the COMMAND is never read from the environment");
+            continue;
+        };
+        if matches!(id, "help" | "version") || a.is_hide_set() {
+            assert_eq!(env, None, "--{long} is hidden or clap's own: no variable");
+            continue;
+        }
+        assert_eq!(env, Some(variable_for(long)), "--{long}");
+        assert!(
+            a.is_hide_env_values_set(),
+            "--{long}: help must not show the value"
+        );
+        checked += 1;
+    }
+    assert!(checked >= 18, "only {checked} options checked");
+}
+
+#[test]
+fn the_clients_read_herder_control() {
+    let cmd = built();
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        for a in sub.get_arguments().filter(|a| a.get_id() != "help") {
+            let env = a.get_env().map(|v| v.to_string_lossy().into_owned());
+            let want = (a.get_id() == "control").then(|| "HERDER_CONTROL".to_string());
+            assert_eq!(env, want, "herder {} --{:?}", sub.get_name(), a.get_long());
+        }
+    }
+}
+
+#[test]
+fn no_option_takes_a_name_herder_sets_or_reads_otherwise() {
+    let vars = own_vars();
+    for reserved in env::RESERVED {
+        let options: Vec<&String> = vars.iter().filter(|v| *v != env::LOG_VAR).collect();
+        assert!(!options.contains(&&reserved.to_string()), "{reserved}");
+    }
+    assert!(vars.contains("HERDER_LOG") && vars.contains("HERDER_CONTROL"));
+    assert!(vars.contains("HERDER_WORKERS") && !vars.contains("HERDER_WORKER"));
+    assert!(vars.iter().all(|v| v.starts_with("HERDER_")), "{vars:?}");
+}
+
+#[test]
+fn herder_listen_is_a_whitespace_list_the_command_line_one_address() {
+    use clap::builder::TypedValueParser;
+    use clap::parser::ValueSource::{CommandLine, EnvVariable};
+    let cmd = built();
+    let arg = cmd.get_arguments().find(|a| a.get_id() == "listen");
+    let parse = |v: &str, src| env::ListenParser.parse_ref_(&cmd, arg, v.as_ref(), src);
+    let two = parse("web=127.0.0.1:80\n\t [::1]:80 ", EnvVariable).unwrap();
+    let shown: Vec<String> = two.0.iter().map(|s| s.to_string()).collect();
+    assert_eq!(shown, ["web=127.0.0.1:80", "[::1]:80"]);
+    // A unix path may hold a space on the command line.
+    let one = parse("unix:/run/my app.sock", CommandLine).unwrap();
+    assert_eq!(one.0.len(), 1);
+    assert!(parse("127.0.0.1:80 127.0.0.1:81", CommandLine).is_err());
+    for empty in ["", "  \n"] {
+        let e = parse(empty, EnvVariable).unwrap_err().to_string();
+        assert!(e.contains("invalid address"), "{e}");
+    }
+    let e = parse("127.0.0.1:80 nowhere", EnvVariable).unwrap_err();
+    assert!(e.to_string().contains("'nowhere'"), "{e}");
+}
+
+#[test]
+fn a_later_error_names_the_variable_of_an_option_from_the_environment() {
+    let from_env = FromEnv(vec![(
+        "--workers".to_string(),
+        "HERDER_WORKERS=0".to_string(),
+    )]);
+    let e = from_env.explain("--workers must be at least 1".into());
+    assert_eq!(e, "HERDER_WORKERS=0: --workers must be at least 1");
+    assert_eq!(
+        from_env.explain("--workers-x is other".into()),
+        "--workers-x is other"
+    );
+    assert_eq!(
+        from_env.explain("--user x: no such user".into()),
+        "--user x: no such user"
+    );
+}
+
+#[test]
+fn the_help_shows_the_variables_not_their_values() {
+    let long = command().render_long_help().to_string();
+    assert!(long.contains("[env: HERDER_WORKERS]"), "{long}");
+    assert!(!long.contains("[env: HERDER_WORKERS="), "no value shown");
 }
