@@ -1,7 +1,7 @@
 //! The command line: clap definitions and their translation into a validated [`PoolConfig`].
 //!
 //! This module owns the contract of `PRODUCT.md` (flag names and their `HERDER_*` variables,
-//! defaults, exit codes in `--help`) and what is generated from it: the man page, the
+//! defaults, exit codes in `--help`) and what is generated from it: the man page (`man`), the
 //! completions. It must never touch the process: no sockets, no signals; it reads the
 //! environment (`env`) but never changes it.
 
@@ -17,6 +17,7 @@ use crate::listen::ListenSpec;
 use crate::pool::{PoolConfig, ReadyMode};
 
 mod env;
+mod man;
 
 pub use env::{own_vars, FromEnv, ListenArg};
 
@@ -37,27 +38,65 @@ const MAX_DURATION_TEXT: &str = "365d";
 /// herder allocate or loop without limit.
 pub use crate::pool::MAX_WORKERS;
 
-const EXIT_CODES: &str = "\
-Exit status:
-  0  stopped cleanly: every worker drained
-  1  gave up: workers kept failing (--restart-limit within --restart-window)
-  2  usage or configuration error (a one-line message says what is wrong)
-  3  stopped, but some workers had to be killed (--drain-timeout, or a forced stop)
+/// The one line of `herder -h` and of the man page's NAME.
+const ABOUT: &str =
+    "run a pool of worker processes on a shared listening socket, under systemd or as PID 1";
 
-Signals: TERM, INT drain the pool (a second one, or QUIT, stops at once); HUP rolls the pool
-(zero-downtime reload); TTIN / TTOU add / remove one worker; USR1, USR2 are forwarded to every
-worker.
+/// What `herder --help` and the man page's DESCRIPTION say after [`ABOUT`].
+const DESCRIPTION: &str = "\
+herder takes the listening sockets from systemd (LISTEN_FDS) or binds its own (--listen), and \
+runs COMMAND as a pool of workers that share them: it restarts a worker that crashes, replaces \
+the pool one slot at a time on SIGHUP without refusing a connection, drains the workers on \
+SIGTERM, and speaks sd_notify(3) both ways (READY, RELOADING, STOPPING, STATUS, WATCHDOG). As \
+PID 1 in a container it also reaps every orphan.
 
-Durations (DUR) are humantime strings like 500ms, 30s or 2m, at most 365d. Counts
+Every option can also be set in the environment as HERDER_ and its long name in capitals \
+(HERDER_WORKERS=4, HERDER_DRAIN_TIMEOUT=10s); the command line wins. Workers do not see these \
+variables.";
+
+/// Exit statuses, for `--help` and the man page's EXIT STATUS.
+const EXIT_STATUS: [(&str, &str); 4] = [
+    ("0", "stopped cleanly: every worker drained"),
+    (
+        "1",
+        "gave up: workers kept failing (--restart-limit within --restart-window)",
+    ),
+    (
+        "2",
+        "usage or configuration error (a one-line message says what is wrong)",
+    ),
+    (
+        "3",
+        "stopped, but some workers had to be killed (--drain-timeout, or a forced stop)",
+    ),
+];
+
+const SIGNALS: &str = "\
+TERM, INT drain the pool (a second one, or QUIT, stops at once); HUP rolls the pool \
+(zero-downtime reload); TTIN / TTOU add / remove one worker; USR1, USR2 are forwarded to every \
+worker.";
+
+const UNITS: &str = "\
+Durations (DUR) are humantime strings like 500ms, 30s or 2m, at most 365d. Counts \
 (--workers, --min-ready, --reload-surge) are at most 100000.";
 
-/// herder: a socket-activation launcher. It takes the listening socket from systemd
-/// (LISTEN_FDS) or binds its own, and runs a supervised pool of workers that share it.
+/// The text after the options in `--help`: exit statuses, signals, units.
+fn after_help() -> String {
+    let codes: Vec<String> = EXIT_STATUS
+        .iter()
+        .map(|(code, what)| format!("  {code}  {what}"))
+        .collect();
+    format!(
+        "Exit status:\n{}\n\nSignals: {SIGNALS}\n\n{UNITS}",
+        codes.join("\n")
+    )
+}
+
+// The about texts, the version with its build tag and the after-help are set in [`command`].
 #[derive(Debug, Parser)]
 #[command(
     name = "herder",
-    version,
-    after_help = EXIT_CODES,
+    about = ABOUT,
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true
 )]
@@ -99,6 +138,7 @@ pub enum Command {
     },
     /// Stop the running pool: drain (like SIGTERM), or with --force at once (like SIGQUIT).
     Stop {
+        /// Do not drain: SIGKILL every worker's process group at once.
         #[arg(long)]
         force: bool,
         #[command(flatten)]
@@ -404,6 +444,8 @@ pub fn command() -> clap::Command {
     let hide = |a: clap::Arg| a.hide_env_values(true);
     Cli::command()
         .version(version)
+        .long_about(format!("{ABOUT}.\n\n{DESCRIPTION}"))
+        .after_help(after_help())
         .mut_args(hide)
         .mut_subcommands(move |s| s.mut_args(hide))
 }
@@ -456,7 +498,7 @@ pub fn generate(what: Generate, dir: &std::path::Path) -> std::io::Result<()> {
     match what {
         Generate::Man => {
             let mut out = std::fs::File::create(dir.join("herder.1"))?;
-            clap_mangen::Man::new(cmd).render(&mut out)?;
+            man::render(cmd, &mut out)?;
         }
         Generate::Completions => {
             use clap_complete::Shell;

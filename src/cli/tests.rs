@@ -109,8 +109,8 @@ fn the_help_states_the_bounds() {
         humantime::parse_duration(MAX_DURATION_TEXT).unwrap(),
         MAX_DURATION
     );
-    assert!(EXIT_CODES.contains(&format!("at most {MAX_DURATION_TEXT}")));
-    assert!(EXIT_CODES.contains(&format!("at most {MAX_WORKERS}")));
+    assert!(after_help().contains(&format!("at most {MAX_DURATION_TEXT}")));
+    assert!(after_help().contains(&format!("at most {MAX_WORKERS}")));
 }
 
 /// Strings that look like durations, so that the boundary gets hit, not only garbage.
@@ -274,8 +274,12 @@ fn a_later_error_names_the_variable_of_an_option_from_the_environment() {
 }
 
 #[test]
-fn the_help_shows_the_variables_not_their_values() {
-    let long = command().render_long_help().to_string();
+fn the_help_shows_the_variables_and_the_short_about() {
+    let mut cmd = command();
+    let long = cmd.render_long_help().to_string();
     assert!(long.contains("[env: HERDER_WORKERS]"), "{long}");
     assert!(!long.contains("[env: HERDER_WORKERS="), "no value shown");
+    assert!(long.starts_with(&format!("{ABOUT}.\n")), "{long}");
+    let short = cmd.render_help().to_string();
+    assert_eq!(short.lines().next(), Some(ABOUT));
 }
