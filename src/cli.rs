@@ -1,17 +1,25 @@
 //! The command line: clap definitions and their translation into a validated [`PoolConfig`].
 //!
-//! This module owns the contract of `PRODUCT.md` (flag names, defaults, exit codes in `--help`).
-//! It must never touch the process: no sockets, no signals, no environment changes.
+//! This module owns the contract of `PRODUCT.md` (flag names and their `HERDER_*` variables,
+//! defaults, exit codes in `--help`) and what is generated from it: the man page (`man`), the
+//! completions. It must never touch the process: no sockets, no signals; it reads the
+//! environment (`env`) but never changes it.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use clap::builder::BoolishValueParser;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use nix::sys::signal::Signal;
 
 use crate::listen::ListenSpec;
 use crate::pool::{PoolConfig, ReadyMode};
+
+mod env;
+mod man;
+
+pub use env::{own_vars, FromEnv, ListenArg};
 
 /// The longest duration any flag takes: 365 days. Far longer than any sensible timeout,
 /// window or delay (a drain that may last a year is no drain), and short enough that every
@@ -30,27 +38,65 @@ const MAX_DURATION_TEXT: &str = "365d";
 /// herder allocate or loop without limit.
 pub use crate::pool::MAX_WORKERS;
 
-const EXIT_CODES: &str = "\
-Exit status:
-  0  stopped cleanly: every worker drained
-  1  gave up: workers kept failing (--restart-limit within --restart-window)
-  2  usage or configuration error (a one-line message says what is wrong)
-  3  stopped, but some workers had to be killed (--drain-timeout, or a forced stop)
+/// The one line of `herder -h` and of the man page's NAME.
+const ABOUT: &str =
+    "run a pool of worker processes on a shared listening socket, under systemd or as PID 1";
 
-Signals: TERM, INT drain the pool (a second one, or QUIT, stops at once); HUP rolls the pool
-(zero-downtime reload); TTIN / TTOU add / remove one worker; USR1, USR2 are forwarded to every
-worker.
+/// What `herder --help` and the man page's DESCRIPTION say after [`ABOUT`].
+const DESCRIPTION: &str = "\
+herder takes the listening sockets from systemd (LISTEN_FDS) or binds its own (--listen), and \
+runs COMMAND as a pool of workers that share them: it restarts a worker that crashes, replaces \
+the pool one slot at a time on SIGHUP without refusing a connection, drains the workers on \
+SIGTERM, and speaks sd_notify(3) both ways (READY, RELOADING, STOPPING, STATUS, WATCHDOG). As \
+PID 1 in a container it also reaps every orphan.
 
-Durations (DUR) are humantime strings like 500ms, 30s or 2m, at most 365d. Counts
+Every option can also be set in the environment as HERDER_ and its long name in capitals \
+(HERDER_WORKERS=4, HERDER_DRAIN_TIMEOUT=10s); the command line wins. Workers do not see these \
+variables.";
+
+/// Exit statuses, for `--help` and the man page's EXIT STATUS.
+const EXIT_STATUS: [(&str, &str); 4] = [
+    ("0", "stopped cleanly: every worker drained"),
+    (
+        "1",
+        "gave up: workers kept failing (--restart-limit within --restart-window)",
+    ),
+    (
+        "2",
+        "usage or configuration error (a one-line message says what is wrong)",
+    ),
+    (
+        "3",
+        "stopped, but some workers had to be killed (--drain-timeout, or a forced stop)",
+    ),
+];
+
+const SIGNALS: &str = "\
+TERM, INT drain the pool (a second one, or QUIT, stops at once); HUP rolls the pool \
+(zero-downtime reload); TTIN / TTOU add / remove one worker; USR1, USR2 are forwarded to every \
+worker.";
+
+const UNITS: &str = "\
+Durations (DUR) are humantime strings like 500ms, 30s or 2m, at most 365d. Counts \
 (--workers, --min-ready, --reload-surge) are at most 100000.";
 
-/// herder: a socket-activation launcher. It takes the listening socket from systemd
-/// (LISTEN_FDS) or binds its own, and runs a supervised pool of workers that share it.
+/// The text after the options in `--help`: exit statuses, signals, units.
+fn after_help() -> String {
+    let codes: Vec<String> = EXIT_STATUS
+        .iter()
+        .map(|(code, what)| format!("  {code}  {what}"))
+        .collect();
+    format!(
+        "Exit status:\n{}\n\nSignals: {SIGNALS}\n\n{UNITS}",
+        codes.join("\n")
+    )
+}
+
+// The about texts, the version with its build tag and the after-help are set in [`command`].
 #[derive(Debug, Parser)]
 #[command(
     name = "herder",
-    version,
-    after_help = EXIT_CODES,
+    about = ABOUT,
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true
 )]
@@ -92,6 +138,7 @@ pub enum Command {
     },
     /// Stop the running pool: drain (like SIGTERM), or with --force at once (like SIGQUIT).
     Stop {
+        /// Do not drain: SIGKILL every worker's process group at once.
         #[arg(long)]
         force: bool,
         #[command(flatten)]
@@ -122,7 +169,7 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct ControlArg {
     /// The running herder's control socket [default: $RUNTIME_DIRECTORY/herder.sock]
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, env = "HERDER_CONTROL", value_name = "PATH")]
     pub control: Option<PathBuf>,
 }
 
@@ -132,101 +179,152 @@ pub enum Generate {
     Completions,
 }
 
+/// The run command's options. Every visible one can also be set as `HERDER_<LONG_NAME>`
+/// (clap's `env`, read only when the option is not on the command line; a unit test holds each
+/// new option to it). Flags take 1/0, true/false, yes/no, on/off there.
 #[derive(Debug, Args)]
 pub struct RunArgs {
     // (An explicit help text: rustdoc would read "[V6]" in a doc comment as a link.)
     #[arg(
         short,
         long,
+        env = "HERDER_LISTEN",
+        value_parser = env::ListenParser,
         value_name = "[NAME=]ADDR",
         help = "Bind a socket herder owns: HOST:PORT or [V6]:PORT (TCP), udp:HOST:PORT, unix:/path, \
-                unix:@abstract. NAME goes into LISTEN_FDNAMES. Repeatable. Sockets inherited through \
-                LISTEN_FDS come first."
+                unix:@abstract. NAME goes into LISTEN_FDNAMES. Repeatable; in HERDER_LISTEN, \
+                separated by whitespace. Sockets inherited through LISTEN_FDS come first."
     )]
-    pub listen: Vec<ListenSpec>,
+    pub listen: Vec<ListenArg>,
 
     /// Pool size [default: the number of CPUs available to herder]
-    #[arg(short, long, value_name = "N")]
+    #[arg(short, long, env = "HERDER_WORKERS", value_name = "N")]
     pub workers: Option<usize>,
 
     /// Give each worker slot its own SO_REUSEPORT socket on the same address; herder keeps it
     /// open across that slot's restarts.
-    #[arg(long)]
+    #[arg(long, env = "HERDER_REUSEPORT", value_parser = BoolishValueParser::new())]
     pub reuseport: bool,
 
     /// When a worker counts as ready: right after exec, or when it sends READY=1 to herder's
     /// NOTIFY_SOCKET.
-    #[arg(long, value_enum, default_value = "exec", value_name = "exec|notify")]
+    #[arg(
+        long,
+        env = "HERDER_READY",
+        value_enum,
+        default_value = "exec",
+        value_name = "exec|notify"
+    )]
     pub ready: ReadyArg,
 
     /// A worker not ready by then is killed and counted as a failed start.
-    #[arg(long, value_parser = duration, default_value = "60s", value_name = "DUR")]
+    #[arg(
+        long,
+        env = "HERDER_READY_TIMEOUT",
+        value_parser = duration,
+        default_value = "60s",
+        value_name = "DUR"
+    )]
     pub ready_timeout: Duration,
 
     /// How many ready workers make the pool ready (READY=1) [default: all]
-    #[arg(long, value_name = "N")]
+    #[arg(long, env = "HERDER_MIN_READY", value_name = "N")]
     pub min_ready: Option<usize>,
 
     /// Signal sent to a worker to make it drain.
-    #[arg(long, value_parser = signal, default_value = "TERM", value_name = "SIG")]
+    #[arg(
+        long,
+        env = "HERDER_STOP_SIGNAL",
+        value_parser = signal,
+        default_value = "TERM",
+        value_name = "SIG"
+    )]
     pub stop_signal: Signal,
 
     /// How long a draining worker may take before SIGKILL.
-    #[arg(long, value_parser = duration, default_value = "30s", value_name = "DUR")]
+    #[arg(
+        long,
+        env = "HERDER_DRAIN_TIMEOUT",
+        value_parser = duration,
+        default_value = "30s",
+        value_name = "DUR"
+    )]
     pub drain_timeout: Duration,
 
     /// Lame duck: on SIGTERM keep serving (but report not ready) this long, then drain.
-    #[arg(long, value_parser = duration, default_value = "0s", value_name = "DUR")]
+    #[arg(
+        long,
+        env = "HERDER_SHUTDOWN_DELAY",
+        value_parser = duration,
+        default_value = "0s",
+        value_name = "DUR"
+    )]
     pub shutdown_delay: Duration,
 
     /// More than N restarts within --restart-window: give up (drain the pool, exit 1).
-    #[arg(long, default_value_t = 10, value_name = "N")]
+    #[arg(
+        long,
+        env = "HERDER_RESTART_LIMIT",
+        default_value_t = 10,
+        value_name = "N"
+    )]
     pub restart_limit: u32,
 
     /// The window for --restart-limit.
-    #[arg(long, value_parser = duration, default_value = "60s", value_name = "DUR")]
+    #[arg(
+        long,
+        env = "HERDER_RESTART_WINDOW",
+        value_parser = duration,
+        default_value = "60s",
+        value_name = "DUR"
+    )]
     pub restart_window: Duration,
 
     /// Slots replaced at once during a rolling reload.
-    #[arg(long, default_value_t = 1, value_name = "N")]
+    #[arg(
+        long,
+        env = "HERDER_RELOAD_SURGE",
+        default_value_t = 1,
+        value_name = "N"
+    )]
     pub reload_surge: usize,
 
     /// Workers get WATCHDOG_USEC; one that stops sending WATCHDOG=1 is killed and restarted.
-    #[arg(long, value_parser = duration, value_name = "DUR")]
+    #[arg(long, env = "HERDER_WORKER_WATCHDOG", value_parser = duration, value_name = "DUR")]
     pub worker_watchdog: Option<Duration>,
 
     /// Recycle a worker whose memory (the PSS of its whole process tree) exceeds SIZE: its
     /// replacement starts, then it drains. SIZE in bytes or with K, M, G (binary: 512M = 512
     /// MiB).
-    #[arg(long, value_parser = size, value_name = "SIZE")]
+    #[arg(long, env = "HERDER_MAX_MEMORY", value_parser = size, value_name = "SIZE")]
     pub max_memory: Option<u64>,
 
     /// Recycle a worker before it is DUR old (each lives between DUR/2 and DUR, staggered over
     /// the slots so that two never come due together).
-    #[arg(long, value_parser = duration, value_name = "DUR")]
+    #[arg(long, env = "HERDER_MAX_LIFETIME", value_parser = duration, value_name = "DUR")]
     pub max_lifetime: Option<Duration>,
 
     /// Run workers as this user (name or uid) after herder has bound the sockets.
-    #[arg(long, value_name = "USER")]
+    #[arg(long, env = "HERDER_USER", value_name = "USER")]
     pub user: Option<String>,
 
     /// Run workers with this group (name or gid) [default: the user's primary group].
-    #[arg(long, value_name = "GROUP")]
+    #[arg(long, env = "HERDER_GROUP", value_name = "GROUP")]
     pub group: Option<String>,
 
     /// Serve /livez, /readyz, /status (JSON) and /metrics (Prometheus) over HTTP on this address.
-    #[arg(long, value_name = "HOST:PORT")]
+    #[arg(long, env = "HERDER_HEALTH", value_name = "HOST:PORT")]
     pub health: Option<String>,
 
     /// Push herder's own sockets (--listen, --reuseport siblings, --health) into systemd's fd
     /// store even without $FDSTORE (systemd 252 does not set it); the unit needs
     /// FileDescriptorStoreMax=. With $FDSTORE (systemd 254 and later) they are pushed anyway.
-    #[arg(long)]
+    #[arg(long, env = "HERDER_FD_STORE", value_parser = BoolishValueParser::new())]
     pub fd_store: bool,
 
     /// The control socket for `herder status|reload|scale|stop` (mode 0600)
     /// [default: $RUNTIME_DIRECTORY/herder.sock under systemd, else none]
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, env = "HERDER_CONTROL", value_name = "PATH")]
     pub control: Option<PathBuf>,
 
     /// Say whether this binary can take over a running herder's state of this format (exit 0)
@@ -238,6 +336,10 @@ pub struct RunArgs {
     /// The program every worker runs, and its arguments.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
+
+    /// Which options came from the environment, to name the variable in a later error.
+    #[arg(skip)]
+    pub from_env: FromEnv,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -296,6 +398,20 @@ pub fn signal(s: &str) -> Result<Signal, String> {
 }
 
 impl RunArgs {
+    /// Every `--listen` socket, in order (one `HERDER_LISTEN` may list several).
+    pub fn listen(&self) -> Vec<ListenSpec> {
+        self.listen
+            .iter()
+            .flat_map(|l| l.0.iter().cloned())
+            .collect()
+    }
+
+    /// A setup error, with the variable in front when it is about an option from the
+    /// environment: `HERDER_WORKERS=0: --workers must be at least 1`.
+    pub fn explain(&self, msg: String) -> String {
+        self.from_env.explain(msg)
+    }
+
     /// Turns the flags into the pool's configuration; `cpus` is the default pool size.
     pub fn pool_config(&self, cpus: usize) -> Result<PoolConfig, String> {
         let workers = self.workers.unwrap_or(cpus.max(1));
@@ -349,16 +465,32 @@ impl RunArgs {
     }
 }
 
-/// Parses the command line; on a usage error prints one line and exits 2 (help and version
-/// exit 0).
-pub fn parse() -> Cli {
-    use clap::{CommandFactory, FromArgMatches};
+/// herder's whole command line, as `--help`, the man page and the completions show it.
+pub fn command() -> clap::Command {
+    use clap::CommandFactory;
     // `--version` says what `/status` says: the package version and a stamped build tag.
     let version: &'static str = Box::leak(crate::upgrade::version().into_boxed_str());
-    let parsed = Cli::command()
+    // The help must not depend on the environment: the variables' names, never their values.
+    let hide = |a: clap::Arg| a.hide_env_values(true);
+    Cli::command()
         .version(version)
-        .try_get_matches()
-        .and_then(|m| Cli::from_arg_matches(&m));
+        .long_about(format!("{ABOUT}.\n\n{DESCRIPTION}"))
+        .after_help(after_help())
+        .mut_args(hide)
+        .mut_subcommands(move |s| s.mut_args(hide))
+}
+
+/// Parses the command line (and the `HERDER_*` environment); on a usage error prints one line
+/// and exits 2 (help and version exit 0).
+pub fn parse() -> Cli {
+    use clap::FromArgMatches;
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    let cmd = command();
+    let parsed = cmd.clone().try_get_matches_from(&argv).and_then(|m| {
+        let mut cli = Cli::from_arg_matches(&m)?;
+        cli.run.from_env = FromEnv::of(&cmd, &m);
+        Ok(cli)
+    });
     match parsed {
         Ok(cli) => cli,
         Err(e) => {
@@ -378,6 +510,8 @@ pub fn parse() -> Cli {
             let hint = if matches!(e.kind(), MissingRequiredArgument) && text.contains("<COMMAND>")
             {
                 "no COMMAND: usage is herder [OPTIONS] -- COMMAND [ARG]...".to_string()
+            } else if let Some(setting) = env::culprit(&e, &cmd, &argv) {
+                format!("{setting}: {first}")
             } else {
                 first.to_string()
             };
@@ -389,13 +523,12 @@ pub fn parse() -> Cli {
 
 /// Writes the man page or the shell completions generated from these definitions.
 pub fn generate(what: Generate, dir: &std::path::Path) -> std::io::Result<()> {
-    use clap::CommandFactory;
     std::fs::create_dir_all(dir)?;
-    let mut cmd = Cli::command();
+    let mut cmd = command();
     match what {
         Generate::Man => {
             let mut out = std::fs::File::create(dir.join("herder.1"))?;
-            clap_mangen::Man::new(cmd).render(&mut out)?;
+            man::render(cmd, &mut out)?;
         }
         Generate::Completions => {
             use clap_complete::Shell;
@@ -408,175 +541,4 @@ pub fn generate(what: Generate, dir: &std::path::Path) -> std::io::Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-    use std::time::Instant;
-
-    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
-        Cli::try_parse_from(std::iter::once("herder").chain(args.iter().copied()))
-    }
-
-    #[test]
-    fn command_after_double_dash() {
-        let cli = parse(&["-w", "3", "--", "server", "--port", "1"]).unwrap();
-        assert_eq!(cli.run.workers, Some(3));
-        assert_eq!(cli.run.command, vec!["server", "--port", "1"]);
-    }
-
-    #[test]
-    fn no_command_is_an_error() {
-        assert!(parse(&["-w", "3"]).is_err());
-    }
-
-    #[test]
-    fn signals_by_name_and_number() {
-        assert_eq!(signal("TERM").unwrap(), Signal::SIGTERM);
-        assert_eq!(signal("sigint").unwrap(), Signal::SIGINT);
-        assert_eq!(signal("9").unwrap(), Signal::SIGKILL);
-        assert!(signal("NOPE").is_err());
-    }
-
-    #[test]
-    fn zero_workers_is_refused() {
-        let cli = parse(&["-w", "0", "--", "x"]).unwrap();
-        assert!(cli.run.pool_config(2).is_err());
-        let cli = parse(&["--", "x"]).unwrap();
-        assert_eq!(cli.run.pool_config(4).unwrap().workers, 4);
-    }
-
-    #[test]
-    fn durations() {
-        let cli = parse(&["--drain-timeout", "500ms", "--", "x"]).unwrap();
-        assert_eq!(cli.run.drain_timeout, Duration::from_millis(500));
-        assert!(parse(&["--drain-timeout", "soon", "--", "x"]).is_err());
-    }
-
-    const DURATION_FLAGS: [&str; 5] = [
-        "--ready-timeout",
-        "--drain-timeout",
-        "--shutdown-delay",
-        "--restart-window",
-        "--worker-watchdog",
-    ];
-
-    #[test]
-    fn every_duration_flag_is_bounded() {
-        for flag in DURATION_FLAGS {
-            let cli = parse(&[flag, "365d", "--", "x"]).unwrap();
-            cli.run.pool_config(1).unwrap();
-            for huge in ["365d 1ns", "500000000000years", "99999999999999999999999s"] {
-                let e = parse(&[flag, huge, "--", "x"]).unwrap_err().to_string();
-                assert!(
-                    e.contains("out of range: at most 365d"),
-                    "{flag} {huge}: {e}"
-                );
-            }
-        }
-        assert!(parse(&["reload", "--timeout", "365d"]).is_ok());
-        let e = parse(&["reload", "--timeout", "366d"])
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("out of range"), "{e}");
-    }
-
-    #[test]
-    fn the_minimums_stay() {
-        let cli = parse(&["--worker-watchdog", "9ms", "--", "x"]).unwrap();
-        assert!(cli.run.pool_config(1).is_err());
-        let cli = parse(&["--restart-window", "0s", "--", "x"]).unwrap();
-        assert!(cli.run.pool_config(1).is_err());
-    }
-
-    #[test]
-    fn the_largest_sums_from_the_configuration_do_not_overflow() {
-        // pool.rs: now + shutdown_delay + drain_timeout + 5s (the stop budget) is the largest.
-        let budget = MAX_DURATION + MAX_DURATION + Duration::from_secs(5);
-        assert!(Instant::now().checked_add(budget).is_some());
-        assert!(
-            u64::try_from(MAX_DURATION.as_micros()).is_ok(),
-            "WATCHDOG_USEC"
-        );
-    }
-
-    #[test]
-    fn every_count_is_bounded() {
-        let max = MAX_WORKERS.to_string();
-        let over = (MAX_WORKERS + 1).to_string();
-        for flag in ["--workers", "--reload-surge", "--min-ready"] {
-            let cli = parse(&[flag, &max, "--", "x"]).unwrap();
-            cli.run.pool_config(1).unwrap();
-            let cli = parse(&[flag, &over, "--", "x"]).unwrap();
-            let e = cli.run.pool_config(1).unwrap_err();
-            assert_eq!(e, format!("{flag} {over} is out of range: at most {max}"));
-        }
-    }
-
-    #[test]
-    fn the_help_states_the_bounds() {
-        assert_eq!(
-            humantime::parse_duration(MAX_DURATION_TEXT).unwrap(),
-            MAX_DURATION
-        );
-        assert!(EXIT_CODES.contains(&format!("at most {MAX_DURATION_TEXT}")));
-        assert!(EXIT_CODES.contains(&format!("at most {MAX_WORKERS}")));
-    }
-
-    /// Strings that look like durations, so that the boundary gets hit, not only garbage.
-    fn duration_like() -> impl Strategy<Value = String> {
-        let unit = prop::sample::select(vec![
-            "ns", "us", "ms", "s", "m", "h", "d", "w", "months", "y", "years", "", "x",
-        ]);
-        let part = ("[0-9]{1,22}", prop::option::of("\\.[0-9]{1,12}"), unit)
-            .prop_map(|(n, f, u)| format!("{n}{}{u}", f.unwrap_or_default()));
-        prop::collection::vec(part, 1..4).prop_map(|p| p.join(" "))
-    }
-
-    proptest! {
-        #[test]
-        fn the_duration_parser_accepts_exactly_what_is_in_range(
-            s in prop_oneof![any::<String>(), duration_like()]
-        ) {
-            match (duration(&s), humantime::parse_duration(&s)) {
-                (Ok(d), Ok(h)) => prop_assert!(d == h && d <= MAX_DURATION),
-                (Err(e), Ok(h)) => {
-                    prop_assert!(h > MAX_DURATION, "{s}: {e}");
-                    prop_assert!(e.contains("out of range"));
-                }
-                (Err(_), Err(_)) => {}
-                (Ok(d), Err(e)) => prop_assert!(false, "{s}: {d:?} but humantime says {e}"),
-            }
-        }
-
-        #[test]
-        fn durations_round_trip_through_humantime(
-            secs in 0..=MAX_DURATION.as_secs() + 2,
-            nanos in 0..1_000_000_000u32,
-        ) {
-            let d = Duration::new(secs, nanos);
-            let text = humantime::format_duration(d).to_string();
-            if d <= MAX_DURATION {
-                prop_assert_eq!(duration(&text), Ok(d), "{}", text);
-            } else {
-                prop_assert!(duration(&text).unwrap_err().contains("out of range"));
-            }
-        }
-
-        #[test]
-        fn huge_durations_are_out_of_range(secs in MAX_DURATION.as_secs()..=u64::MAX) {
-            let text = humantime::format_duration(Duration::new(secs, 1)).to_string();
-            prop_assert!(duration(&text).unwrap_err().contains("out of range"));
-        }
-
-        #[test]
-        fn counts_are_accepted_exactly_in_range(
-            n in prop_oneof![0..=MAX_WORKERS + 2, any::<usize>()],
-            which in 0..3usize,
-        ) {
-            let flag = ["--workers", "--reload-surge", "--min-ready"][which];
-            let cli = parse(&[flag, &n.to_string(), "--", "x"]).unwrap();
-            let ok = cli.run.pool_config(1).is_ok();
-            prop_assert_eq!(ok, (1..=MAX_WORKERS).contains(&n));
-        }
-    }
-}
+mod tests;

@@ -95,7 +95,7 @@ fn main() {
     if let Some(fd) = &from_manager.upgrade_state {
         logging::init();
         let resumed = resume(&cli.run, fd, &argv);
-        run(resumed);
+        run(resumed.map_err(|e| explain(&cli.run, e)));
     }
     // Inherited fds first, before logging (the journal socket) opens anything past them.
     // herder's own sockets back from systemd's fd store are set aside (src/fdstore.rs).
@@ -110,7 +110,12 @@ fn main() {
             s.up.nofile = nofile.map(|l| (l.rlim_cur, l.rlim_max));
             s
         });
-    run(setup);
+    run(setup.map_err(|e| explain(&cli.run, e)));
+}
+
+/// A setup error that names the `HERDER_*` variable it is about, if it came from one.
+fn explain(args: &cli::RunArgs, e: anyhow::Error) -> anyhow::Error {
+    anyhow::Error::msg(args.explain(format!("{e:#}")))
 }
 
 /// Runs the event loop of a supervisor that setup made (or says why it could not, exit 2).
@@ -143,7 +148,7 @@ fn upgrade_check(args: &cli::RunArgs, format: u32) -> i32 {
         .pool_config(cpus())
         .map_err(anyhow::Error::msg)
         .and_then(|_| credentials(args))
-        .map_err(|e| format!("{e:#}"))
+        .map_err(|e| args.explain(format!("{e:#}")))
         .and_then(|_| upgrade::check(format));
     match checked {
         Ok(()) => {
@@ -178,7 +183,7 @@ fn resume(args: &cli::RunArgs, fd: &OsString, argv: &[OsString]) -> Result<super
             creds,
             exe: argv.first().and_then(|a| upgrade::own_path(a)),
             args: argv.iter().skip(1).cloned().collect(),
-            listen: args.listen.clone(),
+            listen: args.listen(),
             health: health_spec(args)?,
             fd_store: args.fd_store,
         },
@@ -256,7 +261,7 @@ fn setup(
         args.fd_store,
         manager.as_ref(),
     );
-    let own = store.own_sockets(&args.listen, health_spec.as_ref(), args.reuseport)?;
+    let own = store.own_sockets(&args.listen(), health_spec.as_ref(), args.reuseport)?;
     listeners.extend(own.listeners);
     let mut sockets = SocketSet::new(listeners, args.reuseport)?;
     store.prepare(&mut sockets, cfg.workers)?;

@@ -98,7 +98,8 @@ pub struct WorkerEnv<'a> {
     pub watchdog: Option<Duration>,
 }
 
-/// Variables herder sets for workers; any inherited copy is dropped from the base environment.
+/// Variables herder sets for workers; any inherited copy is dropped from the base environment
+/// (and so are herder's own settings, `cli::own_vars`).
 const OURS: &[&str] = &[
     "LISTEN_PID",
     "LISTEN_FDS",
@@ -122,8 +123,12 @@ impl Plan {
         nofile: Option<libc::rlimit>,
     ) -> std::io::Result<Plan> {
         let devnull = std::fs::File::open("/dev/null")?.into();
+        // herder's own HERDER_* settings stay in herder's environment (an upgrade re-executes
+        // it with them) but are not the workers' business: a worker may itself be a herder.
+        let settings = crate::cli::own_vars();
         let base_env = std::env::vars_os()
             .filter(|(k, _)| !OURS.iter().any(|o| OsStr::new(o) == k))
+            .filter(|(k, _)| !k.to_str().is_some_and(|k| settings.contains(k)))
             .map(|(k, v)| {
                 let mut kv = k.as_bytes().to_vec();
                 kv.push(b'=');

@@ -129,6 +129,11 @@ struct Setup {
 }
 
 fn start(tag: &str, extra: &[&str], command: &[&str]) -> Setup {
+    start_with(tag, &[], extra, command)
+}
+
+/// As [`start`], with `env` added to herder's environment.
+fn start_with(tag: &str, env: &[(&str, &str)], extra: &[&str], command: &[&str]) -> Setup {
     let dir = TempDir::new("upgrade");
     let exe = dir.path().join("herder");
     install(&exe, tag);
@@ -142,7 +147,8 @@ fn start(tag: &str, extra: &[&str], command: &[&str]) -> Setup {
         .env("HERDER_LOG", "info")
         .env_remove("NOTIFY_SOCKET")
         .env_remove("LISTEN_FDS")
-        .env_remove("LISTEN_PID");
+        .env_remove("LISTEN_PID")
+        .envs(env.iter().copied());
     let mut h = Herder::spawn(cmd);
     h.wait_line(&["pool ready"], LONG);
     Setup {
@@ -297,6 +303,70 @@ fn upgrade_keeps_the_pid_the_workers_and_every_connection() {
     );
     let out = client(&s.sock, &["stop"]);
     assert!(out.status.success());
+    assert_eq!(s.h.wait_exit(LONG).code(), Some(0));
+}
+
+fn environ(pid: i32) -> Vec<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+    raw.split(|&b| b == 0)
+        .map(|s| String::from_utf8_lossy(s).to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+#[test]
+fn an_upgrade_keeps_the_configuration_from_the_environment() {
+    // Set only in the environment: the preflight and the new image must read the same.
+    let env = [("HERDER_WORKERS", "3"), ("HERDER_MIN_READY", "2")];
+    let mut s = start_with("one", &env, &[], &["sh", "-c", "exec sleep 600"]);
+    let before = status(&s.sock);
+    assert_eq!(before["herder"]["workers"], 3, "{before}");
+    assert_eq!(before["herder"]["min_ready"], 2, "{before}");
+    install(&s.exe, "two");
+    let out = client(&s.sock, &["upgrade", "--wait", "--timeout", "30s"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = status(&s.sock);
+    let h = &after["herder"];
+    assert!(h["version"].as_str().unwrap().ends_with("+two"), "{h}");
+    assert_eq!(h["pid"], before["herder"]["pid"]);
+    assert_eq!(h["workers"], 3, "{h}");
+    assert_eq!(
+        h["min_ready"], 2,
+        "the new image read HERDER_MIN_READY: {h}"
+    );
+    assert_eq!(slot_pids(&after), slot_pids(&before));
+    assert!(environ(s.h.pid()).contains(&"HERDER_WORKERS=3".to_string()));
+    // A worker the new image starts gets its slot, not herder's settings.
+    let victim = slot_pids(&after)[1] as i32;
+    // SAFETY: kill(2) on a worker of the herder this test started.
+    unsafe { libc::kill(victim, libc::SIGKILL) };
+    let comm = |pid: i32| std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    let mut fresh = 0;
+    eventually(
+        "the killed worker replaced by one running sleep",
+        LONG,
+        || {
+            let pids = slot_pids(&status(&s.sock));
+            fresh = pids.get(1).copied().unwrap_or(0) as i32;
+            fresh > 0
+                && fresh != victim
+                && comm(fresh).trim() == "sleep"
+                && !environ(fresh).is_empty()
+        },
+    );
+    let got = environ(fresh);
+    assert!(got.contains(&"HERDER_WORKER=1".to_string()), "{got:?}");
+    assert!(
+        !got.iter()
+            .any(|v| v.starts_with("HERDER_WORKERS=") || v.starts_with("HERDER_MIN_READY=")),
+        "{got:?}"
+    );
+    s.h.signal(libc::SIGTERM);
     assert_eq!(s.h.wait_exit(LONG).code(), Some(0));
 }
 
