@@ -24,6 +24,7 @@ mod status;
 mod supervisor;
 mod throttle;
 mod upgrade;
+mod usage;
 
 use std::ffi::OsString;
 use std::time::Instant;
