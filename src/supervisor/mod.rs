@@ -2,11 +2,13 @@
 //! pool's next deadline — no fixed-period polling. It owns every piece of state; the decisions
 //! are the pool's ([`Pool::handle`]); this module only performs the actions the pool returns
 //! (fork, kill, notify systemd, exit) and feeds back what happened. [`upgrade`] is its side of
-//! `herder upgrade`.
+//! `herder upgrade`. [`usage`] samples the workers' memory and CPU when a request asks.
 
 mod upgrade;
+mod usage;
 
 pub use upgrade::{resume, ManagerFacts, Record, Resume, UpgradeCtx};
+pub use usage::Meter;
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::AsRawFd;
@@ -62,6 +64,8 @@ pub struct Supervisor {
     pub up: UpgradeCtx,
     /// herder's sockets in systemd's fd store: slots' siblings follow them in and out.
     pub fd_store: FdStore,
+    /// The workers' memory and CPU, sampled on request (and the tracker behind CPU %).
+    pub meter: Meter,
 }
 
 impl Supervisor {
@@ -84,6 +88,7 @@ impl Supervisor {
             reload_waiters: Vec::new(),
             up: UpgradeCtx::default(),
             fd_store: FdStore::default(),
+            meter: Meter::default(),
             health: None,
             queries_tx,
             queries,
@@ -301,7 +306,9 @@ impl Supervisor {
                 format!("not ready: {}\n", status::herder_state(&self.pool).word()),
             ),
             Route::Status => {
-                let doc = status::status_json(&self.pool, &self.sockets, &self.up.record, now);
+                let usage = self.meter.report(&self.pool, now);
+                let doc =
+                    status::status_json(&self.pool, &self.sockets, &self.up.record, usage, now);
                 Answer {
                     code: 200,
                     content_type: "application/json",
@@ -311,7 +318,11 @@ impl Supervisor {
             Route::Metrics => Answer {
                 code: 200,
                 content_type: "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                body: metrics::render(&self.pool, &self.up.record),
+                body: metrics::render(
+                    &self.pool,
+                    &self.up.record,
+                    self.meter.report(&self.pool, now),
+                ),
             },
         };
         let _ = q.reply.send(a);
@@ -323,8 +334,10 @@ impl Supervisor {
         let serving = self.pool.phase == Phase::Running;
         let (answer, event) = match r.command {
             Command::Status => {
+                let now = Instant::now();
+                let usage = self.meter.report(&self.pool, now);
                 let doc =
-                    status::status_json(&self.pool, &self.sockets, &self.up.record, Instant::now());
+                    status::status_json(&self.pool, &self.sockets, &self.up.record, usage, now);
                 (control::ok(json!({ "status": doc })), None)
             }
             Command::Reload { .. } if !serving => {
@@ -403,6 +416,7 @@ impl Supervisor {
 
     /// A child was reaped: stop reading its notifications.
     fn reaped(&mut self, pid: i32) {
+        self.meter.tracker.forget(pid.unsigned_abs());
         if let Some(id) = self.pool.worker_of_pid(pid) {
             self.up.notify_fds.remove(&id);
             if let Some(task) = self.readers.remove(&id) {
