@@ -234,6 +234,42 @@ mod tests {
         );
     }
 
+    /// What one round costs for 64 workers: `cargo test --release --bin herder -- --ignored
+    /// --nocapture sample_cost` (each a `sleep`: a real server with a large heap costs more,
+    /// smaps_rollup walks its page tables).
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn sample_cost() {
+        let mut kids: Vec<_> = (0..64)
+            .map(|_| {
+                std::process::Command::new("sleep")
+                    .arg("60")
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        let mut t = Tracker::default();
+        let rounds = 200;
+        let start = Instant::now();
+        for _ in 0..rounds {
+            let now = Instant::now();
+            for (slot, k) in kids.iter().enumerate() {
+                t.sample(slot as u32, k.id(), now).unwrap();
+            }
+            t.sample_own(now).unwrap();
+        }
+        let per = start.elapsed() / rounds;
+        eprintln!(
+            "one sample of 64 workers and herder: {} µs",
+            per.as_micros()
+        );
+        for k in &mut kids {
+            let _ = k.kill();
+            let _ = k.wait();
+        }
+    }
+
     #[test]
     fn samples_real_processes() {
         let mut t = Tracker::default();
