@@ -414,7 +414,7 @@ impl Supervisor {
         }
     }
 
-    /// A child was reaped: stop reading its notifications.
+    /// A child was reaped: forget its last usage sample, stop reading its notifications.
     fn reaped(&mut self, pid: i32) {
         self.meter.tracker.forget(pid.unsigned_abs());
         if let Some(id) = self.pool.worker_of_pid(pid) {

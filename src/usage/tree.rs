@@ -1,7 +1,9 @@
 //! A worker's process tree and what it uses: the worker and every live descendant (found
 //! through `task/TID/children`, or the ppid of every process where the kernel has no children
 //! files), PSS summed over them, CPU summed over them. A process that exits during the walk is
-//! skipped: the tree is whatever is alive while it is read, never an error.
+//! skipped: the tree is whatever is alive while it is read, never an error. A descendant
+//! whose parent exited (a daemon's double fork) is reparented to herder, the subreaper, and is
+//! then in no worker's tree.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
