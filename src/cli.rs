@@ -110,11 +110,15 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Show the running pool: every slot's pid, state, uptime, restarts and last exit.
+    /// Show the running pool: every slot's pid, state, uptime, memory, CPU, restarts and last
+    /// exit, and herder's own memory and CPU.
     Status {
         /// The full status document as JSON, for scripts.
         #[arg(long)]
         json: bool,
+        /// Refresh every second until Ctrl-C (with --json: one document per line).
+        #[arg(long)]
+        watch: bool,
         #[command(flatten)]
         control: ControlArg,
     },

@@ -1,7 +1,8 @@
 //! The client side of the control socket: `herder status`, `reload`, `scale`, `stop`,
 //! `upgrade`. Each
 //! sends one request line, prints the answer, and exits 0 on success, 1 when herder said no
-//! (a failed reload, a refused request), 2 when it cannot reach herder at all.
+//! (a failed reload, a refused request), 2 when it cannot reach herder at all. The status
+//! table is drawn here; `status --watch` redraws it ([`crate::watch`]).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -16,6 +17,7 @@ use crate::control::{self, PROTOCOL_VERSION};
 pub enum Ask {
     Status {
         json: bool,
+        watch: bool,
     },
     Reload {
         wait: bool,
@@ -64,9 +66,17 @@ fn scale_request(to: &str) -> Value {
     }
 }
 
-fn exchange(path: &Path, mut request: Value, timeout: Option<Duration>) -> Value {
+/// Why an exchange with herder failed: the exit status and the message.
+pub type Failure = (i32, String);
+
+/// Sends one request, returns the answer.
+pub fn exchange(
+    path: &Path,
+    mut request: Value,
+    timeout: Option<Duration>,
+) -> Result<Value, Failure> {
     request["v"] = json!(PROTOCOL_VERSION);
-    let mut s = UnixStream::connect(path).unwrap_or_else(|e| {
+    let mut s = UnixStream::connect(path).map_err(|e| {
         let why = match e.kind() {
             std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
                 "nothing is listening there"
@@ -74,7 +84,7 @@ fn exchange(path: &Path, mut request: Value, timeout: Option<Duration>) -> Value
             std::io::ErrorKind::PermissionDenied => "permission denied",
             _ => "cannot connect",
         };
-        fail(
+        (
             crate::EXIT_USAGE,
             format!(
                 "{}: {why} ({e}); is herder running with --control {}?",
@@ -82,7 +92,7 @@ fn exchange(path: &Path, mut request: Value, timeout: Option<Duration>) -> Value
                 path.display()
             ),
         )
-    });
+    })?;
     let _ = s.set_read_timeout(timeout);
     let line = format!("{request}\n");
     // herder may answer (and close) before reading, e.g. to refuse our uid: the answer is
@@ -90,14 +100,15 @@ fn exchange(path: &Path, mut request: Value, timeout: Option<Duration>) -> Value
     let written = s.write_all(line.as_bytes());
     let mut answer = String::new();
     match BufReader::new(&s).read_line(&mut answer) {
-        Ok(0) if written.is_err() => fail(
-            crate::EXIT_USAGE,
-            format!("{}: {}", path.display(), written.unwrap_err()),
-        ),
-        Ok(0) => fail(
-            1,
-            "herder closed the connection without an answer (is it stopping?)",
-        ),
+        Ok(0) => match written {
+            Err(e) => return Err((crate::EXIT_USAGE, format!("{}: {e}", path.display()))),
+            Ok(()) => {
+                return Err((
+                    1,
+                    "herder closed the connection without an answer (is it stopping?)".into(),
+                ))
+            }
+        },
         Ok(_) => {}
         Err(e)
             if matches!(
@@ -105,20 +116,24 @@ fn exchange(path: &Path, mut request: Value, timeout: Option<Duration>) -> Value
                 std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
             ) =>
         {
-            fail(
+            return Err((
                 1,
-                "timed out waiting for herder's answer (the request goes on)",
-            )
+                "timed out waiting for herder's answer (the request goes on)".into(),
+            ))
         }
-        Err(e) => fail(1, format!("reading the answer: {e}")),
+        Err(e) => return Err((1, format!("reading the answer: {e}"))),
     }
-    serde_json::from_str(&answer).unwrap_or_else(|_| fail(1, format!("not an answer: {answer}")))
+    serde_json::from_str(&answer).map_err(|_| (1, format!("not an answer: {answer}")))
 }
+
+/// How long a status request may take.
+pub const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub fn run(ask: Ask, path: Option<PathBuf>) -> i32 {
     let path = resolve(path);
     let (request, timeout) = match &ask {
-        Ask::Status { .. } => (json!({"cmd": "status"}), Some(Duration::from_secs(10))),
+        Ask::Status { json, watch: true } => return crate::watch::run(&path, *json),
+        Ask::Status { .. } => (json!({"cmd": "status"}), Some(STATUS_TIMEOUT)),
         // Without --wait the answer is immediate; with it, as long as the reload (or --timeout;
         // 0s means do not wait at all: set_read_timeout refuses a zero).
         Ask::Reload { wait: false, .. } => (
@@ -147,7 +162,7 @@ pub fn run(ask: Ask, path: Option<PathBuf>) -> i32 {
             Some(Duration::from_secs(10)),
         ),
     };
-    let answer = exchange(&path, request, timeout);
+    let answer = exchange(&path, request, timeout).unwrap_or_else(|(code, msg)| fail(code, msg));
     if answer["ok"] != json!(true) {
         eprintln!(
             "herder: {}",
@@ -156,8 +171,8 @@ pub fn run(ask: Ask, path: Option<PathBuf>) -> i32 {
         return 1;
     }
     match ask {
-        Ask::Status { json: true } => println!("{:#}", answer["status"]),
-        Ask::Status { json: false } => print!("{}", table(&answer["status"])),
+        Ask::Status { json: true, .. } => out(&format!("{:#}\n", answer["status"])),
+        Ask::Status { json: false, .. } => out(&table(&answer["status"])),
         Ask::Reload { wait: true, .. } => println!(
             "reload complete: generation {} is serving",
             answer["generation"]
@@ -184,6 +199,21 @@ pub fn run(ask: Ask, path: Option<PathBuf>) -> i32 {
         ),
     }
     0
+}
+
+/// Writes to stdout; a reader that went away (`herder status | head -1`) ends the client
+/// quietly, status 0, where `print!` would panic.
+fn out(text: &str) {
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        fail(1, format!("writing to stdout: {e}"));
+    }
 }
 
 fn text(v: &Value) -> String {
@@ -248,31 +278,112 @@ pub fn table(st: &Value) -> String {
             text(&s["name"])
         );
     }
+    if !h["memory_bytes"].is_null() {
+        out += &format!(
+            "herder itself: memory {} (RSS)  cpu {} ({}s in all)\n",
+            size(&h["memory_bytes"]),
+            percent(&h["cpu_percent"]),
+            text(&h["cpu_seconds"]),
+        );
+    }
     out += &format!(
-        "{:<5} {:<8} {:<9} {:<8} {:<8} {}\n",
-        "SLOT", "PID", "STATE", "UPTIME", "RESTARTS", "LAST EXIT"
+        "{:<5} {:<8} {:<9} {:<8} {:>7} {:>7} {:<8} {}\n",
+        "SLOT", "PID", "STATE", "UPTIME", "MEM", "CPU", "RESTARTS", "LAST EXIT"
     );
     for s in st["slots"].as_array().into_iter().flatten() {
         out += &format!(
-            "{:<5} {:<8} {:<9} {:<8} {:<8} {}\n",
+            "{:<5} {:<8} {:<9} {:<8} {:>7} {:>7} {:<8} {}\n",
             text(&s["slot"]),
             text(&s["pid"]),
             text(&s["state"]),
             uptime(&s["uptime_s"]),
+            size(&s["memory_bytes"]),
+            percent(&s["cpu_percent"]),
             text(&s["restarts"]),
             text(&s["last_exit"]),
         );
     }
     for w in st["other_workers"].as_array().into_iter().flatten() {
         out += &format!(
-            "{:<5} {:<8} {:<9} {:<8} {:<8} {}\n",
+            "{:<5} {:<8} {:<9} {:<8} {:>7} {:>7} {:<8} {}\n",
             text(&w["slot"]),
             text(&w["pid"]),
             text(&w["state"]),
             uptime(&w["uptime_s"]),
+            size(&w["memory_bytes"]),
+            percent(&w["cpu_percent"]),
             "",
             "(old generation)"
         );
     }
     out
+}
+
+/// Bytes, human-readable in powers of 1024: `512B`, `12.3M`, `1.2G`, `123M`.
+fn size(v: &Value) -> String {
+    let Some(b) = v.as_u64() else {
+        return "-".into();
+    };
+    let mut x = b as f64;
+    let mut unit = 0;
+    while x >= 1024.0 && unit < 5 {
+        x /= 1024.0;
+        unit += 1;
+    }
+    let suffix = ["B", "K", "M", "G", "T", "P"][unit];
+    match unit {
+        0 => format!("{b}B"),
+        _ if x < 99.95 => format!("{x:.1}{suffix}"),
+        _ => format!("{x:.0}{suffix}"),
+    }
+}
+
+/// CPU in % of one core, one decimal.
+fn percent(v: &Value) -> String {
+    v.as_f64().map_or("-".into(), |p| format!("{p:.1}%"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_percentages() {
+        let s = |n: u64| size(&json!(n));
+        assert_eq!(s(512), "512B");
+        assert_eq!(s(1536), "1.5K");
+        assert_eq!(s(12_900_000), "12.3M");
+        assert_eq!(s(1_288_490_189), "1.2G");
+        assert_eq!(s(123 << 20), "123M");
+        assert_eq!(s(u64::MAX), "16384P");
+        assert_eq!(size(&Value::Null), "-");
+        assert_eq!(percent(&json!(0.04)), "0.0%");
+        assert_eq!(percent(&json!(187.25)), "187.2%");
+        assert_eq!(percent(&Value::Null), "-");
+    }
+
+    #[test]
+    fn the_table_has_mem_and_cpu_columns() {
+        let doc = json!({
+            "herder": {"version": "0.1.0", "pid": 1, "memory_bytes": 4_300_000,
+                       "cpu_seconds": 0.52, "cpu_percent": 0.1},
+            "slots": [{"slot": 0, "pid": 42, "state": "ready", "uptime_s": 134.0,
+                       "memory_bytes": 12_900_000, "cpu_percent": 3.25, "restarts": 0}],
+            "other_workers": [],
+        });
+        let t = table(&doc);
+        assert!(
+            t.contains("herder itself: memory 4.1M (RSS)  cpu 0.1% (0.52s in all)"),
+            "{t}"
+        );
+        let rows: Vec<&str> = t.lines().skip_while(|l| !l.starts_with("SLOT")).collect();
+        assert_eq!(
+            rows[0],
+            "SLOT  PID      STATE     UPTIME       MEM     CPU RESTARTS LAST EXIT"
+        );
+        assert_eq!(
+            rows[1],
+            "0     42       ready     2m14s      12.3M    3.2% 0        -"
+        );
+    }
 }

@@ -24,6 +24,8 @@ mod status;
 mod supervisor;
 mod throttle;
 mod upgrade;
+mod usage;
+mod watch;
 
 use std::ffi::OsString;
 use std::time::Instant;
@@ -202,7 +204,11 @@ fn subcommand(command: cli::Command) -> i32 {
                 EXIT_USAGE
             }
         },
-        Status { json, control } => client::run(Ask::Status { json }, control.control),
+        Status {
+            json,
+            watch,
+            control,
+        } => client::run(Ask::Status { json, watch }, control.control),
         Reload {
             wait,
             timeout,

@@ -1,15 +1,17 @@
-//! `/metrics` in the Prometheus text format, built from the pool's counters on each scrape
-//! (the `prometheus-client` crate does the encoding). Read-only.
+//! `/metrics` in the Prometheus text format, built from the pool's counters and the usage
+//! sampled for the scrape (the `prometheus-client` crate does the encoding). Read-only.
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Registry, Unit};
+use std::sync::atomic::AtomicU64;
 
 use crate::pool::{Pool, EXIT_REASONS, RECYCLE_REASONS};
 use crate::status::{herder_state, worker_state};
 use crate::supervisor::Record;
+use crate::usage::PoolUsage;
 
 type Labels = Vec<(String, String)>;
 
@@ -17,8 +19,9 @@ fn label(k: &str, v: &str) -> Labels {
     vec![(k.to_string(), v.to_string())]
 }
 
-pub fn render(pool: &Pool, upgrades: &Record) -> String {
-    let mut reg = Registry::with_prefix("herder");
+pub fn render(pool: &Pool, upgrades: &Record, usage: &PoolUsage) -> String {
+    let mut root = Registry::default();
+    let reg = root.sub_registry_with_prefix("herder");
 
     let by_state = Family::<Labels, Gauge>::default();
     for state in ["starting", "ready", "draining", "stopping"] {
@@ -128,8 +131,64 @@ pub fn render(pool: &Pool, upgrades: &Record) -> String {
         short,
     );
 
+    register_usage(reg, pool, usage);
+    register_process(&mut root, usage);
+
     let mut out = String::new();
     // Encoding into a String cannot fail.
-    let _ = encode(&mut out, &reg);
+    let _ = encode(&mut out, &root);
     out
+}
+
+/// Per slot, the memory and CPU of the worker serving it (its replacement and old generations
+/// are not a slot's series); a worker that could not be measured has none.
+fn register_usage(reg: &mut Registry, pool: &Pool, usage: &PoolUsage) {
+    let memory = Family::<Labels, Gauge>::default();
+    let cpu = Family::<Labels, Counter<f64, AtomicU64>>::default();
+    for (i, slot) in pool.slots.iter().enumerate() {
+        let worker = slot.current.and_then(|id| pool.workers.get(&id));
+        let Some(u) = worker.and_then(|w| usage.of(w.pid)) else {
+            continue;
+        };
+        let slot = label("slot", &i.to_string());
+        memory
+            .get_or_create(&slot)
+            .set(i64::try_from(u.pss_bytes).unwrap_or(i64::MAX));
+        cpu.get_or_create(&slot).inc_by(u.cpu_seconds_total);
+    }
+    reg.register_with_unit(
+        "worker_memory",
+        "PSS of each slot's worker and its descendants",
+        Unit::Bytes,
+        memory,
+    );
+    reg.register_with_unit(
+        "worker_cpu",
+        "CPU time (user and system) of each slot's worker and its descendants",
+        Unit::Seconds,
+        cpu,
+    );
+}
+
+/// herder's own, under the names of Prometheus' standard process metrics.
+fn register_process(root: &mut Registry, usage: &PoolUsage) {
+    let Some(h) = usage.herder else {
+        return;
+    };
+    let rss = Gauge::<i64>::default();
+    rss.set(i64::try_from(h.rss_bytes).unwrap_or(i64::MAX));
+    root.register_with_unit(
+        "process_resident_memory",
+        "Resident memory size of herder itself",
+        Unit::Bytes,
+        rss,
+    );
+    let cpu = Counter::<f64, AtomicU64>::default();
+    cpu.inc_by(h.cpu_seconds_total);
+    root.register_with_unit(
+        "process_cpu",
+        "User and system CPU time spent by herder itself",
+        Unit::Seconds,
+        cpu,
+    );
 }

@@ -1,14 +1,16 @@
 //! What herder reports about itself: the JSON document behind `/status` (and `herder status`),
-//! built from the pool's state on request. Read-only: nothing here changes the pool.
+//! built from the pool's state on request, with the memory and CPU sampled for it
+//! ([`PoolUsage`]). Read-only: nothing here changes the pool.
 
 use std::collections::HashSet;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
 use crate::listen::SocketSet;
 use crate::pool::{fmt_dur, Phase, Pool, ReloadOutcome, State, StopWhy, Worker, WorkerId};
 use crate::supervisor::Record;
+use crate::usage::{percent_since_start, PoolUsage};
 
 /// The version of this document's shape; bumped on incompatible changes.
 pub const FORMAT_VERSION: u32 = 1;
@@ -112,46 +114,77 @@ pub fn worker_state(w: &Worker) -> &'static str {
     }
 }
 
-fn worker_json(pool: &Pool, id: WorkerId, now: Instant) -> Value {
+/// The memory and CPU fields of a worker (`null` when it could not be measured). CPU % is
+/// over the interval since the previous sample; on a worker's first, since it started.
+fn usage_fields(v: &mut Value, usage: &PoolUsage, pid: Option<i32>, age: Duration) {
+    let u = usage.of(pid);
+    v["memory_bytes"] = json!(u.map(|u| u.pss_bytes));
+    v["cpu_seconds"] = json!(u.map(|u| round(u.cpu_seconds_total)));
+    v["cpu_percent"] = json!(u.and_then(|u| u
+        .cpu_percent
+        .or_else(|| percent_since_start(u.cpu_seconds_total, age))
+        .map(round1)));
+    v["processes"] = json!(u.map(|u| u.processes));
+}
+
+fn worker_json(pool: &Pool, usage: &PoolUsage, id: WorkerId, now: Instant) -> Value {
     let Some(w) = pool.workers.get(&id) else {
         return Value::Null;
     };
-    json!({
+    let age = now.saturating_duration_since(w.spawned_at);
+    let mut v = json!({
         "pid": w.pid,
         "state": worker_state(w),
         "generation": w.generation,
-        "uptime_s": round(now.saturating_duration_since(w.spawned_at).as_secs_f64()),
+        "uptime_s": round(age.as_secs_f64()),
         "status": w.status,
-    })
+    });
+    usage_fields(&mut v, usage, w.pid, age);
+    v
 }
 
 fn round(s: f64) -> f64 {
     (s * 1000.0).round() / 1000.0
 }
 
-pub fn status_json(pool: &Pool, sockets: &SocketSet, upgrades: &Record, now: Instant) -> Value {
+fn round1(p: f64) -> f64 {
+    (p * 10.0).round() / 10.0
+}
+
+pub fn status_json(
+    pool: &Pool,
+    sockets: &SocketSet,
+    upgrades: &Record,
+    usage: &PoolUsage,
+    now: Instant,
+) -> Value {
     let slots: Vec<Value> = pool
         .slots
         .iter()
         .enumerate()
         .map(|(i, s)| {
-            let current = s.current.map(|id| worker_json(pool, id, now));
+            let current = s.current.map(|id| worker_json(pool, usage, id, now));
             let state = match (&current, s.backoff_until) {
                 (Some(c), _) => c["state"].clone(),
                 (None, Some(_)) => json!("backoff"),
                 (None, None) => json!("empty"),
             };
+            let of_current = |k: &str| current.as_ref().map(|c| c[k].clone());
             json!({
                 "slot": i,
-                "pid": current.as_ref().map(|c| c["pid"].clone()),
+                "pid": of_current("pid"),
                 "state": state,
-                "uptime_s": current.as_ref().map(|c| c["uptime_s"].clone()),
-                "generation": current.as_ref().map(|c| c["generation"].clone()),
+                "uptime_s": of_current("uptime_s"),
+                "generation": of_current("generation"),
                 "restarts": s.restarts,
                 "last_exit": s.last_exit,
                 "backoff_ms": s.backoff_until.map(|t| t.saturating_duration_since(now).as_millis() as u64),
-                "worker_status": current.as_ref().map(|c| c["status"].clone()),
-                "replacement": s.next.map(|id| worker_json(pool, id, now)),
+                "worker_status": of_current("status"),
+                "memory_bytes": of_current("memory_bytes"),
+                "cpu_seconds": of_current("cpu_seconds"),
+                "cpu_percent": of_current("cpu_percent"),
+                "processes": of_current("processes"),
+                "replacement": s.next.map(|id| worker_json(pool, usage, id, now)),
             })
         })
         .collect();
@@ -168,7 +201,7 @@ pub fn status_json(pool: &Pool, sockets: &SocketSet, upgrades: &Record, now: Ins
         .iter()
         .filter(|(id, _)| !in_slots.contains(*id))
         .map(|(&id, w)| {
-            let mut v = worker_json(pool, id, now);
+            let mut v = worker_json(pool, usage, id, now);
             v["slot"] = json!(w.slot);
             v
         })
@@ -214,6 +247,15 @@ pub fn status_json(pool: &Pool, sockets: &SocketSet, upgrades: &Record, now: Ins
             "last_reload": last_reload,
             "gave_up": pool.gave_up,
             "resource_error": pool.resource_error,
+            "memory_bytes": usage.herder.map(|h| h.rss_bytes),
+            "cpu_seconds": usage.herder.map(|h| round(h.cpu_seconds_total)),
+            "cpu_percent": usage.herder.and_then(|h| h
+                .cpu_percent
+                .or_else(|| percent_since_start(
+                    h.cpu_seconds_total,
+                    now.saturating_duration_since(pool.started_at),
+                ))
+                .map(round1)),
         },
         "sockets": sockets,
         "slots": slots,

@@ -2,11 +2,13 @@
 //! pool's next deadline — no fixed-period polling. It owns every piece of state; the decisions
 //! are the pool's ([`Pool::handle`]); this module only performs the actions the pool returns
 //! (fork, kill, notify systemd, exit) and feeds back what happened. [`upgrade`] is its side of
-//! `herder upgrade`.
+//! `herder upgrade`. [`usage`] samples the workers' memory and CPU when a request asks.
 
 mod upgrade;
+mod usage;
 
 pub use upgrade::{resume, ManagerFacts, Record, Resume, UpgradeCtx};
+pub use usage::Meter;
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::AsRawFd;
@@ -62,6 +64,8 @@ pub struct Supervisor {
     pub up: UpgradeCtx,
     /// herder's sockets in systemd's fd store: slots' siblings follow them in and out.
     pub fd_store: FdStore,
+    /// The workers' memory and CPU, sampled on request (and the tracker behind CPU %).
+    pub meter: Meter,
 }
 
 impl Supervisor {
@@ -84,6 +88,7 @@ impl Supervisor {
             reload_waiters: Vec::new(),
             up: UpgradeCtx::default(),
             fd_store: FdStore::default(),
+            meter: Meter::default(),
             health: None,
             queries_tx,
             queries,
@@ -244,7 +249,10 @@ impl Supervisor {
                 Action::Measure(workers) => {
                     let found = workers
                         .into_iter()
-                        .filter_map(|(id, pid)| Some((id, interim_tree_pss(pid)?)))
+                        .filter_map(|(id, pid)| {
+                            let t = crate::usage::tree_usage(u32::try_from(pid).ok()?)?;
+                            Some((id, t.pss_bytes))
+                        })
                         .collect();
                     spawned.push(Event::Measured(found));
                 }
@@ -308,7 +316,9 @@ impl Supervisor {
                 format!("not ready: {}\n", status::herder_state(&self.pool).word()),
             ),
             Route::Status => {
-                let doc = status::status_json(&self.pool, &self.sockets, &self.up.record, now);
+                let usage = self.meter.report(&self.pool, now);
+                let doc =
+                    status::status_json(&self.pool, &self.sockets, &self.up.record, usage, now);
                 Answer {
                     code: 200,
                     content_type: "application/json",
@@ -318,7 +328,11 @@ impl Supervisor {
             Route::Metrics => Answer {
                 code: 200,
                 content_type: "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                body: metrics::render(&self.pool, &self.up.record),
+                body: metrics::render(
+                    &self.pool,
+                    &self.up.record,
+                    self.meter.report(&self.pool, now),
+                ),
             },
         };
         let _ = q.reply.send(a);
@@ -330,8 +344,10 @@ impl Supervisor {
         let serving = self.pool.phase == Phase::Running;
         let (answer, event) = match r.command {
             Command::Status => {
+                let now = Instant::now();
+                let usage = self.meter.report(&self.pool, now);
                 let doc =
-                    status::status_json(&self.pool, &self.sockets, &self.up.record, Instant::now());
+                    status::status_json(&self.pool, &self.sockets, &self.up.record, usage, now);
                 (control::ok(json!({ "status": doc })), None)
             }
             Command::Reload { .. } if !serving => {
@@ -408,8 +424,9 @@ impl Supervisor {
         }
     }
 
-    /// A child was reaped: stop reading its notifications.
+    /// A child was reaped: forget its last usage sample, stop reading its notifications.
     fn reaped(&mut self, pid: i32) {
+        self.meter.tracker.forget(pid.unsigned_abs());
         if let Some(id) = self.pool.worker_of_pid(pid) {
             self.up.notify_fds.remove(&id);
             if let Some(task) = self.readers.remove(&id) {
@@ -449,37 +466,4 @@ impl Supervisor {
 fn group_alive(pid: i32) -> bool {
     // (-1 would mean every process: never for pid 1 or less.)
     pid > 1 && kill(Pid::from_raw(-pid), None).is_ok()
-}
-
-/// The PSS of `pid` and its descendants, in bytes. (Interim: replaced by src/usage.)
-fn interim_tree_pss(pid: i32) -> Option<u64> {
-    fn pss(pid: i32) -> Option<u64> {
-        let t = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
-        let line = t.lines().find(|l| l.starts_with("Pss:"))?;
-        let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-        Some(kb * 1024)
-    }
-    fn children(pid: i32) -> Vec<i32> {
-        let mut out = Vec::new();
-        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-            for t in tasks.flatten() {
-                if let Ok(c) = std::fs::read_to_string(t.path().join("children")) {
-                    out.extend(c.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
-                }
-            }
-        }
-        out
-    }
-    let mut total = pss(pid)?;
-    let mut todo = children(pid);
-    let mut seen = 0;
-    while let Some(p) = todo.pop() {
-        seen += 1;
-        if seen > 10_000 {
-            break;
-        }
-        total += pss(p).unwrap_or(0);
-        todo.extend(children(p));
-    }
-    Some(total)
 }
