@@ -1,5 +1,6 @@
-"""The seven sections of the suite (issue 7). Each returns a plain dict for report.py; a system
-that cannot be started, or lacks a feature, is recorded under "missing" with the reason."""
+"""The sections of the suite (issue 7; section 9, recycling, lives in recycle.py). Each returns
+a plain dict for report.py; a system that cannot be started, or lacks a feature, is recorded
+under "missing" with the reason."""
 import os
 import random
 import shutil
@@ -10,6 +11,7 @@ from . import load
 from .measure import idle, median
 from .procs import (CLK_TCK, DgramListener, Unavailable, held_connections, kill, now, rss_kib,
                     starttime, wait_until)
+from .recycle import s9_recycle
 from .systems import (BareFd, BareReuseport, Gunicorn, Herder, NodeCluster, Pm2, Tini)
 
 MODES = ("keepalive", "close")
@@ -409,4 +411,6 @@ SECTIONS = [
     ("5", "weight", s5_weight),
     ("6", "scale", s6_scale),
     ("7", "fairness", s7_fairness),
+    # 8 is the chaos soak, a run of its own (bench/run --soak), carried into RESULTS.md.
+    ("9", "recycle", s9_recycle),
 ]
