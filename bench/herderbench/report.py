@@ -348,6 +348,24 @@ def recycle_section(sec):
     return out + missing_lines(sec)
 
 
+def provenance(r):
+    """Sections merged in from later runs of only those sections (bench/run --sections)."""
+    out = []
+    for m in r.get("merged", []):
+        mm = m["machine"]
+        nums = m["numbers"]
+        which = f"Section {nums[0]} comes" if len(nums) == 1 else \
+            f"Sections {', '.join(nums)} come"
+        flag = "" if m["mode"] == "full" else " --" + m["mode"]
+        out.append(f"{which} from a later run: `bench/run{flag} --sections {','.join(nums)}` "
+                   f"({m['mode']} run, {m['seconds']:.0f} s) on {mm['date']}, git "
+                   f"`{mm.get('git')}`, herder "
+                   f"`{mm['versions'].get('herder')}`; load average at start "
+                   f"{' '.join(mm.get('loadavg', []))}, at the end "
+                   f"{' '.join(mm.get('loadavg_end', []))}.\n\n")
+    return "".join(out)
+
+
 def markdown(r):
     m = r["machine"]
     v = m["versions"]
@@ -360,6 +378,7 @@ def markdown(r):
          f"{' '.join(m.get('loadavg_end', []))}. The machine is "
          "shared and noisy: read the **ratios** (A and B alternated within one run), not the "
          "absolute numbers, and do not compare absolute numbers between runs.\n\n",
+         provenance(r),
          table(["component", "version"],
                [[k, f"`{x}`" if x else "**missing**"] for k, x in v.items()]),
          "\n![requests/s per system and failed requests per event](results.svg)\n",
