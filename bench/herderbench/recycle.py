@@ -154,7 +154,8 @@ def _leak_run(ctx, s):
         row["memory_lines"] = _pm2_memory_lines(s) - lines0
     s._check_alive()
     row.update(ok=res["ok"], failed=res["failed"], fails=res["fails"],
-               examples=res["examples"], fail_times=res["fail_times"][:20], p50_ms=res.get("p50_ms"), p99_ms=res.get("p99_ms"),
+               examples=res["examples"], fail_times=res["fail_times"][:20],
+               p50_ms=res.get("p50_ms"), p99_ms=res.get("p99_ms"),
                max_ms=res.get("max_ms"), rps=res.get("rps"), elapsed_s=res.get("elapsed"))
     row["per_recycle"] = row["failed"] / row["recycles"] if row["recycles"] else None
     ctx.log(f"    {row['recycles']} recycles, {row['ok']} ok, {row['failed']} failed "
