@@ -2,7 +2,12 @@
 """A load client that counts failures precisely (wrk's error counts are too coarse for the reload
 and crash sections) and tallies which worker answered (fairness).
 
-    loadclient.py --port P [--conns C] [--duration S] [--keepalive] [--timeout S]
+    loadclient.py --port P [--conns C] [--duration S] [--keepalive] [--timeout S] [--rate R]
+
+With --rate R the load is paced: R requests per second in all, each connection sending one every
+C/R seconds on its own schedule (staggered); a request that is late starts at once and the slots
+it missed are skipped, not made up in a burst. Without it every connection sends the next
+request as soon as the last one is done.
 
 Runs until --duration has passed or SIGTERM/SIGINT arrives, lets in-flight requests finish
 (each bounded by --timeout), then prints one JSON object on stdout.
@@ -85,10 +90,22 @@ async def main(args):
         if kind == "other" and len(examples) < 5:
             examples.append(repr(exc))
 
-    async def one_conn():
+    gap = args.conns / args.rate if args.rate > 0 else 0.0
+
+    async def one_conn(i):
         nonlocal ok
         reader = writer = None
+        slot = t0 + gap * i / args.conns
         while not stop.is_set() and time.monotonic() < deadline:
+            if gap:
+                wait = slot - time.monotonic()
+                if wait > 0:
+                    try:
+                        await asyncio.wait_for(stop.wait(), wait)
+                        break
+                    except asyncio.TimeoutError:
+                        pass
+                slot = max(slot + gap, time.monotonic())
             t_req = time.monotonic()
             try:
                 if writer is None:
@@ -121,7 +138,7 @@ async def main(args):
                            timeout=max(0.0, deadline - time.monotonic()))
         stop.set()
 
-    tasks = [asyncio.ensure_future(one_conn()) for _ in range(args.conns)]
+    tasks = [asyncio.ensure_future(one_conn(i)) for i in range(args.conns)]
     await asyncio.gather(stopper(), *tasks)
     elapsed = time.monotonic() - t0
     lat.sort()
@@ -143,4 +160,6 @@ if __name__ == "__main__":
     p.add_argument("--duration", type=float, default=5.0)
     p.add_argument("--timeout", type=float, default=5.0)
     p.add_argument("--keepalive", action="store_true")
+    p.add_argument("--rate", type=float, default=0.0,
+                   help="requests per second in all (default: as fast as the server answers)")
     asyncio.run(main(p.parse_args()))

@@ -85,7 +85,7 @@ fn bench_run_quick_smoke_runs_end_to_end() {
         "bench/run --quick --smoke failed: {status}\n{log_text}"
     );
     assert!(
-        stdout.contains("sections run: 7/7"),
+        stdout.contains("sections run: 8/8"),
         "not every section ran: {stdout}"
     );
     let results = std::fs::read_to_string(out.join("RESULTS.md")).expect("RESULTS.md written");
@@ -97,6 +97,7 @@ fn bench_run_quick_smoke_runs_end_to_end() {
         "## 5. Weight",
         "## 6. Scale and reaction",
         "## 7. Fairness",
+        "## 9. Recycling",
     ] {
         assert!(results.contains(heading), "RESULTS.md lacks {heading:?}");
     }

@@ -1,6 +1,8 @@
 // The Node.js HTTP app of the peer sections: the same file runs under herder (socket at fd 3,
 // LISTEN_FDS), under Node's cluster module (bench/apps/node-cluster.js), under pm2 cluster mode
 // and under bench/apps/bare-launch.py. GET / -> "pid=<pid> slot=<slot>\n".
+// LEAK_KB=N (the recycling section): every request keeps N KiB more, filled with ones so that
+// every page is really there (not the shared zero page), in a global array never freed.
 // Drains on SIGTERM and SIGINT (pm2's default kill signal): stop accepting, finish in-flight
 // requests, close idle keep-alive connections, exit.
 'use strict';
@@ -9,7 +11,10 @@ const cluster = require('cluster');
 
 const slot = process.env.HERDER_WORKER ?? process.env.NODE_APP_INSTANCE ??
   (cluster.worker ? String(cluster.worker.id) : '-');
+const leakBytes = Number(process.env.LEAK_KB || 0) * 1024;
+const leaked = [];
 const server = http.createServer((req, res) => {
+  if (leakBytes > 0) leaked.push(Buffer.alloc(leakBytes, 1));
   const body = `pid=${process.pid} slot=${slot}\n`;
   res.writeHead(200, { 'content-type': 'text/plain', 'content-length': Buffer.byteLength(body) });
   res.end(body);

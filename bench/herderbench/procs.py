@@ -205,11 +205,12 @@ def run(argv, timeout, env=None, cwd=None):
                           stdin=subprocess.DEVNULL)
 
 
-def http_get(port, timeout=1.0):
-    """One GET / with Connection: close; returns the body or None."""
+def http_get(port, timeout=1.0, path="/"):
+    """One GET `path` with Connection: close; returns the body or None."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-            s.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+                      .encode())
             data = b""
             while True:
                 chunk = s.recv(4096)

@@ -2,7 +2,7 @@
 import os
 from html import escape
 
-TARGETS = "issue 7"
+TARGETS = "issues 7 and 12"
 
 
 def num(x, nd=0):
@@ -112,7 +112,25 @@ def headline(r):
         x = max(v for v in (f["keepalive"]["max_share"], f["close"]["max_share"]) if v is not None)
         rows.append(["herder --reuseport: busiest of 2 workers, any round", "≤ 60%", pct(x),
                      "yes" if x <= 0.6 else "no"])
+    rows += recycle_headline(s.get("recycle", {}))
     return table(["claim", "target", "measured", "met"], rows)
+
+
+def recycle_headline(sec):
+    rows = []
+    h = sec.get("table", {}).get("herder")
+    if h:
+        rows.append([f"failed requests per recycle, herder --max-memory {sec['limit']} (node app; "
+                     f"{h['recycles']} recycles in {sec['dur']} s)", "0",
+                     f"{num(h['per_recycle'], 2)} ({num(h['failed'])} failed)",
+                     "yes" if h["recycles"] and h["failed"] == 0 else "no"])
+    w = sec.get("cpu", {}).get("table", {}).get("with")
+    if w:
+        rows.append([f"herder CPU with --max-memory 1G, {w['workers']} workers, idle",
+                     "< 1% of a core", f"{w['cpu_pct']:.2f}% ({w['cpu_ms']:.0f} ms / "
+                     f"{w['idle_s']} s, {w['wakeups']} wakeups)",
+                     "yes" if w["cpu_pct"] < 1 else "no"])
+    return rows
 
 
 def throughput_section(sec, refs, intro):
@@ -241,6 +259,113 @@ def fairness_section(sec):
     return out + missing_lines(sec)
 
 
+def _fpr(row):
+    """Failed per recycle, or why there is none."""
+    if row is None:
+        return "–"
+    if not row["recycles"]:
+        return "– (no recycle)"
+    return f"{row['per_recycle']:.2f}"
+
+
+def recycle_section(sec):
+    if "crashed" in sec:
+        return f"**section crashed:** {sec['crashed']}\n"
+    out = ("bench/apps/node-app.js with `LEAK_KB={leak_kb}` (every request keeps {leak_kb} KiB, "
+           "filled, in a global array), {n} workers, the same limit {limit} for both; "
+           "bench/loadclient.py paced at {rate} requests/s in all over {conns} connections, new "
+           "connection per request, {timeout} s timeout, {dur} s per system, one system after "
+           "the other. herder measures the PSS of each worker's process tree every 2 s and "
+           "recycles one worker at a time: its replacement starts and reports ready "
+           "(`--ready notify`), then the old one drains (SIGTERM). pm2 (cluster mode) checks "
+           "each worker pid's RSS every *Worker Interval* (30 s by default; the column says what "
+           "its daemon logged) and reloads that worker: a new one, and when it listens the old "
+           "one gets SIGINT (SIGKILL 1.6 s later). Recycles: herder's "
+           "`herder_recycles_total{{reason=\"memory\"}}` (`--health` /metrics); pm2's sum of "
+           "`pm2_env.restart_time` (`pm2 jlist`), both counted when the load ends. The largest "
+           "worker: the suite's own samples of every worker's process tree, every 0.5 s. A "
+           "request the paced load could not send on time (the one before it was late) is "
+           "skipped, so a system that stalls gets fewer ok requests.\n\n").format(**sec)
+    rows = []
+    for v in sec["table"].values():
+        fails = ", ".join(f"{n} {c}" for c, n in sorted((v.get("fails") or {}).items())) or "–"
+        iv = v.get("check_interval_ms")
+        check = f"{v['check']}, every {iv / 1000:g} s" if iv else f"{v['check']} (interval ?)"
+        note = ""
+        if v.get("memory_lines") is not None and v["memory_lines"] != v["recycles"]:
+            note = f"{v['memory_lines']} 'exceeds --max-memory-restart' lines in pm2.log"
+        rows.append([v["label"], check, v["recycles"], num(v.get("ok")), num(v.get("failed")),
+                     fails, _fpr(v), f"{ms(v.get('p99_ms'))} / {ms(v.get('max_ms'))}",
+                     f"{mib(v.get('peak_rss_kib'))} / {mib(v.get('peak_pss_kib'))}",
+                     v.get("workers_seen"), note])
+    out += table(["system", "memory check", "recycles", "ok", "failed", "failed by kind",
+                  "failed per recycle", "ok requests: p99 / max",
+                  "largest worker: RSS / PSS", "worker pids seen", "note"], rows)
+    h = sec["table"].get("herder")
+    pm = [(k, v) for k, v in sec["table"].items() if k.startswith("pm2")]
+    if h and pm:
+        out += ("\n**herder --max-memory vs pm2 max_memory_restart** (herder ÷ pm2; failed per "
+                "recycle has no ratio when pm2 recycled nothing or failed nothing):\n\n")
+        rows = []
+        for k, p in pm:
+            rt = sec.get("ratios", {}).get(k, {})
+            fpr = f"{_fpr(h)} vs {_fpr(p)}"
+            if rt.get("per_recycle") is not None:
+                fpr += f" ({ratio(rt['per_recycle'])})"
+            rows.append([p["label"], fpr, f"{h['recycles']} vs {p['recycles']}",
+                         f"{ms(h.get('p99_ms'))} vs {ms(p.get('p99_ms'))} "
+                         f"({ratio(rt.get('p99'))})",
+                         f"{mib(h.get('peak_rss_kib'))} vs {mib(p.get('peak_rss_kib'))} "
+                         f"({ratio(rt.get('peak_rss'))})"])
+        out += table(["vs", "failed per recycle", "recycles", "p99", "largest worker RSS"],
+                     rows)
+    cpu = sec.get("cpu") or {}
+    if cpu.get("table"):
+        out += (f"\nherder's own CPU (utime + stime of its process from /proc/PID/stat; on-CPU "
+                f"time from /proc/PID/task/*/schedstat, without the 10 ms tick) with "
+                f"{cpu['workers']} trivial workers (bench/apps/notify-sleep.rs, `--ready exec`) "
+                f"idle for {cpu['idle']} s, with `--max-memory 1G` (never reached: herder reads "
+                f"every worker's smaps_rollup every 2 s) and without, one after the other:\n\n")
+        rows = []
+        for v in cpu["table"].values():
+            per = (f"{v['oncpu_us'] / v['wakeups']:.0f} µs" if v.get("oncpu_us") is not None
+                   and v["wakeups"] else "–")
+            rows.append([v["label"], v["workers"], f"{v['cpu_ms']:.0f} ms",
+                         f"{v['cpu_pct']:.2f}%",
+                         "–" if v.get("oncpu_us") is None else f"{v['oncpu_us'] / 1000:.2f} ms",
+                         v["wakeups"], per, mib(v["rss_kib"]), v["threads"],
+                         "yes" if v.get("same_workers") else "**no**"])
+        out += table(["herder", "workers", "CPU in window", "% of a core", "on CPU (schedstat)",
+                      "wakeups", "on CPU per wakeup", "RSS", "threads",
+                      "same workers after"], rows)
+        wo = cpu["table"].get("without")
+        if cpu.get("ratio") is not None:
+            out += f"\nOn-CPU time with ÷ without: {ratio(cpu['ratio'])}.\n"
+        elif wo is not None and cpu["table"].get("with"):
+            out += (f"\nOn-CPU time with ÷ without: no ratio — without the limit herder was "
+                    f"on a CPU for {wo.get('oncpu_us') or 0:.0f} µs in {wo['idle_s']} s "
+                    f"({wo['wakeups']} wakeups).\n")
+    return out + missing_lines(sec)
+
+
+def provenance(r):
+    """Sections merged in from later runs of only those sections (bench/run --sections)."""
+    out = []
+    for m in r.get("merged", []):
+        mm = m["machine"]
+        nums = m["numbers"]
+        which = f"Section {nums[0]} comes" if len(nums) == 1 else \
+            f"Sections {', '.join(nums)} come"
+        flag = "" if m["mode"] == "full" else " --" + m["mode"]
+        out.append(f"{which} from a later run: `bench/run{flag} --sections {','.join(nums)}` "
+                   f"({m['mode']} run, {m['seconds']:.0f} s) on {mm['date']}, git "
+                   f"`{mm.get('git')}`, herder "
+                   f"`{mm['versions'].get('herder')}`; load average at start "
+                   f"{' '.join(mm.get('loadavg', []))}, at the end "
+                   f"{' '.join(mm.get('loadavg_end', []))}.\n\n")
+    return "".join(out)
+
+
 def markdown(r):
     m = r["machine"]
     v = m["versions"]
@@ -253,6 +378,7 @@ def markdown(r):
          f"{' '.join(m.get('loadavg_end', []))}. The machine is "
          "shared and noisy: read the **ratios** (A and B alternated within one run), not the "
          "absolute numbers, and do not compare absolute numbers between runs.\n\n",
+         provenance(r),
          table(["component", "version"],
                [[k, f"`{x}`" if x else "**missing**"] for k, x in v.items()]),
          "\n![requests/s per system and failed requests per event](results.svg)\n",
@@ -297,6 +423,9 @@ def markdown(r):
     if "fairness" in s:
         o += ["\n## 7. Fairness\n\n", fairness_section(s["fairness"])]
     o.append(soak_section())
+    if "recycle" in s:
+        o += ["\n## 9. Recycling: herder --max-memory vs pm2 max_memory_restart\n\n",
+              recycle_section(s["recycle"])]
     o.append("\nRaw numbers: `results.json` next to this file when kept (bench/out/ for "
              "--quick runs). How to rerun and caveats: bench/README.md.\n")
     return "".join(o)

@@ -1,35 +1,20 @@
-"""The seven sections of the suite (issue 7). Each returns a plain dict for report.py; a system
-that cannot be started, or lacks a feature, is recorded under "missing" with the reason."""
+"""The sections of the suite (issue 7; section 9, recycling, lives in recycle.py). Each returns
+a plain dict for report.py; a system that cannot be started, or lacks a feature, is recorded
+under "missing" with the reason."""
 import os
 import random
 import shutil
 import signal
-import statistics
 import time
 
 from . import load
-from .procs import (CLK_TCK, DgramListener, Unavailable, cpu_ticks, held_connections, kill,
-                    now, rss_kib, smaps_kib, starttime, wait_until)
+from .measure import idle, median
+from .procs import (CLK_TCK, DgramListener, Unavailable, held_connections, kill, now, rss_kib,
+                    starttime, wait_until)
+from .recycle import s9_recycle
 from .systems import (BareFd, BareReuseport, Gunicorn, Herder, NodeCluster, Pm2, Tini)
 
 MODES = ("keepalive", "close")
-
-
-def median(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
-
-
-def ctx_switches(pid):
-    n = 0
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
-                    n += int(line.split()[1])
-    except OSError:
-        return None
-    return n
 
 
 def _start_all(ctx, makers):
@@ -261,23 +246,6 @@ def s4_crash(ctx):
     return _under_load(ctx, _event_makers(ctx, flags), ctx.cfg["kills"], act)
 
 
-def _idle(ctx, pid, seconds):
-    """RSS (max over the window) and CPU of pid while nothing happens for `seconds`."""
-    t0, c0, w0 = now(), cpu_ticks(pid), ctx_switches(pid)
-    rss = [rss_kib(pid)]
-    while (left := seconds - (now() - t0)) > 0:
-        time.sleep(min(1.0, left))
-        rss.append(rss_kib(pid))
-    dt = now() - t0
-    c1, w1 = cpu_ticks(pid), ctx_switches(pid)
-    sm = smaps_kib(pid)
-    return {"rss_kib": max(r for r in rss if r is not None),
-            "pss_kib": sm.get("pss"), "anon_kib": sm.get("anonymous"),
-            "cpu_pct": (c1 - c0) / CLK_TCK / dt * 100 if None not in (c0, c1) else None,
-            "cpu_ms": (c1 - c0) * 1000 / CLK_TCK if None not in (c0, c1) else None,
-            "wakeups": (w1 - w0) if None not in (w0, w1) else None, "idle_s": round(dt, 1)}
-
-
 def s5_weight(ctx):
     c = ctx.cfg
     trivial = [ctx.notify_sleep]
@@ -302,7 +270,7 @@ def s5_weight(ctx):
                 s.start()
             time.sleep(1.0)
             pid = s.manager_pid()
-            row = {"label": s.label, "workers": k, **_idle(ctx, pid, c["idle"])}
+            row = {"label": s.label, "workers": k, **idle(pid, c["idle"])}
             row["threads"] = len(os.listdir(f"/proc/{pid}/task"))
             out[key] = row
             ctx.log(f"    RSS {row['rss_kib'] / 1024:.1f} MiB, CPU {row['cpu_ms']:.0f} ms, "
@@ -443,4 +411,6 @@ SECTIONS = [
     ("5", "weight", s5_weight),
     ("6", "scale", s6_scale),
     ("7", "fairness", s7_fairness),
+    # 8 is the chaos soak, a run of its own (bench/run --soak), carried into RESULTS.md.
+    ("9", "recycle", s9_recycle),
 ]

@@ -2,6 +2,7 @@
 launchers, Node's cluster module, pm2 cluster mode, gunicorn's arbiter and tini. Each one can
 start, list its workers, reload (where it has a reload) and stop; every failure to do so is an
 Unavailable whose message ends up in RESULTS.md."""
+import json
 import os
 import signal
 import time
@@ -191,9 +192,12 @@ class Pm2(System):
 
     label = "pm2 cluster"
 
-    def __init__(self, ctx, n):
+    def __init__(self, ctx, n, extra=(), env=None, label=None):
         super().__init__(ctx, n)
         self.daemon = None
+        self.extra = list(extra)
+        self.more_env = env or {}
+        self.label = label or self.label
 
     def _pm2(self, *args, timeout=120.0):
         r = run([self.ctx.pm2, *args], timeout, env=self.env)
@@ -206,10 +210,11 @@ class Pm2(System):
             raise Unavailable("pm2 not installed (bench/install-deps.sh)")
         self.port = free_port()
         self.home = os.path.join(self.ctx.tmp, f"pm2-{self.port}")
+        # The daemon and the app inherit this environment (more_env: e.g. the app's LEAK_KB).
         self.env = dict(os.environ, PM2_HOME=self.home, PORT=str(self.port), HOST="127.0.0.1",
-                        PM2_DISCRETE_MODE="true")
+                        PM2_DISCRETE_MODE="true", **self.more_env)
         self._pm2("start", os.path.join(self.ctx.apps, "node-app.js"), "-i", str(self.n),
-                  "--name", "app", timeout=timeout)
+                  "--name", "app", *self.extra, timeout=timeout)
         try:
             with open(os.path.join(self.home, "pm2.pid")) as f:
                 self.daemon = int(f.read().strip())
@@ -229,6 +234,22 @@ class Pm2(System):
 
     def reload(self, timeout=120.0):
         self._pm2("reload", "app", timeout=timeout)
+
+    def restarts(self):
+        """The sum of the workers' restart counts (`pm2 jlist`: pm2_env.restart_time), which
+        pm2 raises for a crash, a reload and a max_memory_restart alike."""
+        try:
+            apps = json.loads(self._pm2("jlist", timeout=60).stdout)
+            return sum(int(a["pm2_env"]["restart_time"]) for a in apps)
+        except (ValueError, KeyError, TypeError) as e:
+            raise Unavailable(f"pm2 jlist: no restart counts ({e})")
+
+    def daemon_log(self):
+        try:
+            with open(os.path.join(self.home, "pm2.log"), errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
 
     def stop(self):
         if self.daemon is None:
