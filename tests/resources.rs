@@ -184,13 +184,21 @@ fn every_fork_runs_with_all_signals_blocked() {
             unsafe { libc::kill(self.0, libc::SIGTERM) };
         }
     }
+    // strace's first child may be a probe of its own (it forks one to test ptrace features):
+    // herder is the child that runs herder, once the pool is ready.
+    h.wait_line(&["pool ready"], LONG);
     let mut pid = 0;
-    eventually("strace to start herder", LONG, || {
-        pid = children_of(h.pid()).first().copied().unwrap_or(0);
+    eventually("strace's child herder", LONG, || {
+        pid = children_of(h.pid())
+            .into_iter()
+            .find(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/comm"))
+                    .is_ok_and(|c| c.trim() == "herder")
+            })
+            .unwrap_or(0);
         pid != 0
     });
     let herder = Stop(pid);
-    h.wait_line(&["pool ready"], LONG);
     drop(herder); // TERM now: the trace is complete once herder has exited
     h.wait_exit(LONG);
     let text = std::fs::read_to_string(&trace).unwrap();
