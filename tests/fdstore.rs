@@ -329,12 +329,12 @@ fn environ(pid: i32) -> Vec<String> {
         .collect()
 }
 
-/// The worker of each slot, from herder's `worker spawned slot=S pid=P` lines (the latest),
+/// The worker of each slot, from herder's `worker S (pid P) spawned …` lines (the latest),
 /// once `n` have been printed.
 fn workers(h: &mut Herder, n: usize) -> Vec<(usize, i32)> {
-    h.wait_nth_line(&["worker spawned"], n, LONG);
+    h.wait_nth_line(&[SPAWNED], n, LONG);
     let mut by_slot = std::collections::BTreeMap::new();
-    for l in h.lines().iter().filter(|l| l.contains("worker spawned")) {
+    for l in h.lines().iter().filter(|l| l.contains(SPAWNED)) {
         let slot = field(l, "slot").and_then(|s| s.parse().ok());
         let pid = field(l, "pid").and_then(|s| s.parse().ok());
         if let (Some(s), Some(p)) = (slot, pid) {
@@ -1015,7 +1015,7 @@ fn a_push_that_fails_is_logged_once_and_herder_serves_on() {
     h.wait_line(&["cannot send to the service manager's fd store"], LONG);
     // Scaling adds a sibling to push: still one line.
     h.signal(libc::SIGTTIN);
-    h.wait_nth_line(&["worker spawned", "slot=2"], 1, LONG);
+    h.wait_nth_line(&["worker 2 (pid", SPAWNED], 1, LONG);
     get(addr, "/").expect("herder still serves");
     assert_eq!(
         h.count(&["cannot send to the service manager's fd store"]),
