@@ -898,7 +898,7 @@ fn a_stored_socket_bound_elsewhere_than_its_name_says_is_not_used() {
     );
     assert_eq!(h.addr().port(), port);
     let ready = m.wait_ready(0);
-    h.wait_line(&["stored socket not used", "bound to 127.0.0.1:"], LONG);
+    h.wait_line(&["stored socket", "not used:", "bound to 127.0.0.1:"], LONG);
     let removed = m.removal_of(0, &name).expect("removed");
     let pushed = m.push_of(removed, &name).expect("the new one stored");
     assert!(pushed < ready);
@@ -941,7 +941,10 @@ fn a_unix_socket_is_taken_back_while_its_file_is_there_and_bound_anew_when_it_is
     let from = m.got.len();
     let mut c = start(&args, &SLEEPER, &m, Some("16"), &passed);
     let ready = m.wait_ready(from);
-    c.wait_line(&["stored socket not used", "its socket file is gone"], LONG);
+    c.wait_line(
+        &["stored socket", "not used:", "its socket file is gone"],
+        LONG,
+    );
     let removed = m.removal_of(from, &name).expect("removed");
     let pushed = m.push_of(removed, &name).expect("the new one stored");
     assert!(pushed < ready);
