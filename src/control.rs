@@ -199,7 +199,9 @@ async fn handle(
         warn!(
             uid = cred.uid(),
             pid = cred.pid(),
-            "control connection refused: not root or herder's uid"
+            "control connection from pid {} (uid {}) refused: not root or herder's uid",
+            cred.pid().unwrap_or(0),
+            cred.uid()
         );
         let answer = error(format!(
             "permission denied: uid {} is neither root nor herder's uid",

@@ -145,7 +145,10 @@ impl FdStore {
         };
         for (fdname, fd) in stored.0 {
             let Some(id) = name::parse(&fdname) else {
-                warn!(%fdname, "fd store: not a name herder writes; removed and closed");
+                warn!(
+                    %fdname,
+                    "fd store: {fdname} is not a name herder writes; removed and closed"
+                );
                 s.remove(&fdname);
                 continue;
             };
@@ -163,10 +166,15 @@ impl FdStore {
         }
         for (fdname, c) in &s.candidates {
             if c.dirty {
-                warn!(%fdname, "fd store: not a socket; removed and closed");
+                warn!(%fdname, "fd store: {fdname} is not a socket; removed and closed");
             }
             if c.fds.len() > 1 {
-                warn!(%fdname, count = c.fds.len(), "fd store: several sockets under one name; the first that fits is kept");
+                warn!(
+                    %fdname,
+                    count = c.fds.len(),
+                    "fd store: {} sockets under the name {fdname}; the first that fits is kept",
+                    c.fds.len()
+                );
             }
         }
         s
@@ -250,7 +258,12 @@ impl FdStore {
                     };
                     let addr = addr.clone();
                     if let Some(fd) = self.take(&fdname, &Want::SiblingOf { addr: &addr }) {
-                        info!(%fdname, slot, "sibling taken back from the fd store");
+                        info!(
+                            %fdname,
+                            slot,
+                            "--reuseport socket of worker {slot} taken back from the fd store \
+                             ({fdname})"
+                        );
                         sockets.offer(slot, i, fd);
                     }
                 }
@@ -373,7 +386,7 @@ impl FdStore {
             }
             match judge(want, &inspect(fd.as_fd()), self.euid) {
                 Ok(()) => kept = Some(fd),
-                Err(why) => warn!(%fdname, "fd store: stored socket not used: {why}"),
+                Err(why) => warn!(%fdname, "fd store: stored socket {fdname} not used: {why}"),
             }
         }
         match &kept {
@@ -402,7 +415,10 @@ impl FdStore {
             .collect();
         for fdname in names {
             self.candidates.remove(&fdname);
-            info!(%fdname, "fd store: stored socket no longer needed; removed and closed");
+            info!(
+                %fdname,
+                "fd store: stored socket {fdname} no longer needed; removed and closed"
+            );
             self.remove(&fdname);
         }
     }
@@ -416,7 +432,13 @@ impl FdStore {
     ) -> Result<Listener, ListenError> {
         if let Some(fd) = taken {
             let l = listen::listener(spec, fd);
-            info!(fdname = fdname.as_deref().unwrap_or(""), addr = %l.display, "socket taken back from the fd store");
+            let name = fdname.as_deref().unwrap_or("");
+            info!(
+                fdname = name,
+                addr = %l.display,
+                "socket taken back from the fd store: {} ({name})",
+                l.display
+            );
             return Ok(l);
         }
         let l = self.bind(spec, reuseport)?;

@@ -76,7 +76,7 @@ pub async fn serve(listener: TcpListener, tx: mpsc::Sender<Query>) {
         let tx = tx.clone();
         async move {
             if let Err(e) = handle(conn, tx, delivered).await {
-                debug!(%peer, "health connection: {e}");
+                debug!(%peer, "health connection from {peer}: {e}");
             }
         }
     })

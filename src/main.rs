@@ -272,16 +272,16 @@ fn setup(
     let mut sockets = SocketSet::new(listeners, args.reuseport)?;
     store.prepare(&mut sockets, cfg.workers)?;
     for l in &sockets.listeners {
-        info!(addr = %l.display, name = %l.name, "listening");
+        info!(addr = %l.display, name = %l.name, "listening on {} (name {})", l.display, l.name);
     }
     let health = own.health.map(|l| {
-        info!(addr = %l.display, "health endpoint");
+        info!(addr = %l.display, "health endpoint on {}", l.display);
         std::net::TcpListener::from(l.fd)
     });
     let control = match args.control.clone().or_else(control::default_path) {
         Some(path) => {
             let l = control::bind(&path)?;
-            info!(path = %path.display(), "control socket");
+            info!(path = %path.display(), "control socket at {}", path.display());
             Some((l, path))
         }
         None => None,
@@ -291,7 +291,12 @@ fn setup(
     let notify = notify::NotifySockets::new((worker_uid, worker_gid));
     pid1::become_subreaper();
     if let Some(w) = cfg.manager_watchdog {
-        info!(interval = %pool::fmt_dur(w), "systemd watchdog enabled");
+        let interval = pool::fmt_dur(w);
+        info!(
+            %interval,
+            "systemd watchdog enabled: WatchdogSec={interval}, pinged every {}",
+            pool::fmt_dur(w / 2)
+        );
     }
     let pool = Pool::new(cfg, Instant::now());
     let mut s = supervisor::Supervisor::new(pool, sockets, plan, manager, worker_uid, notify);

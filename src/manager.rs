@@ -105,7 +105,13 @@ impl Manager {
 
     fn send_fds(&mut self, text: &str, fds: &[BorrowedFd<'_>]) -> bool {
         use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
-        debug!(message = %text.trim_end().replace('\n', " "), fds = fds.len(), "fd store");
+        debug!(
+            fds = fds.len(),
+            "fd store: sending {} with {} fd{}",
+            text.trim_end().replace('\n', " "),
+            fds.len(),
+            if fds.len() == 1 { "" } else { "s" }
+        );
         let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
         let cmsgs = [ControlMessage::ScmRights(&raw)];
         let cmsgs = if raw.is_empty() { &[][..] } else { &cmsgs[..] };
@@ -142,7 +148,10 @@ impl Manager {
                 text.push_str(&format!("{}\n", NotifyState::MainPid(pid)));
             }
         }
-        debug!(message = %text.trim_end().replace('\n', " "), "notifying the service manager");
+        debug!(
+            "notifying the service manager: {}",
+            text.trim_end().replace('\n', " ")
+        );
         if let Err(e) = self.sock.send_to_addr(text.as_bytes(), &self.addr) {
             if !self.warned {
                 warn!("cannot notify the service manager: {e}");

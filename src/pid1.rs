@@ -57,11 +57,11 @@ pub fn sweep() {
         let left = children();
         if left.is_empty() || Instant::now() >= deadline {
             if !left.is_empty() {
-                warn!(?left, "processes still present at exit");
+                warn!(?left, "processes still present at exit: pids {left:?}");
             }
             return;
         }
-        debug!(?left, "killing leftover processes");
+        debug!(?left, "killing leftover processes: pids {left:?}");
         for pid in &left {
             let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
         }

@@ -133,7 +133,7 @@ fn another_uid_can_neither_send_to_a_worker_socket_nor_pass_herder_fds() {
         &["-w", "1", "--control", sock.to_str().unwrap()],
         &["sh", "-c", &barrier_worker(&go)],
     );
-    let worker: i32 = field(&h.wait_line(&["worker spawned"], LONG), "pid")
+    let worker: i32 = field(&h.wait_line(&[SPAWNED], LONG), "pid")
         .unwrap()
         .parse()
         .unwrap();
@@ -152,7 +152,7 @@ fn another_uid_can_neither_send_to_a_worker_socket_nor_pass_herder_fds() {
         "herder holds no fd it did not ask for"
     );
     assert!(alive(worker), "the forged WATCHDOG=trigger did nothing");
-    assert_eq!(h.count(&["worker exited"]), 0);
+    assert_eq!(h.worker_exits(), 0);
     h.signal(libc::SIGTERM);
     assert_eq!(h.wait_exit(LONG).code(), Some(0));
 }
@@ -231,7 +231,7 @@ fn another_uid_cannot_squat_the_names_of_future_worker_sockets() {
         &["-w", "1", "--control", sock.to_str().unwrap()],
         &["sh", "-c", "exec sleep 600"],
     );
-    let worker: i32 = field(&h.wait_line(&["worker spawned"], LONG), "pid")
+    let worker: i32 = field(&h.wait_line(&[SPAWNED], LONG), "pid")
         .unwrap()
         .parse()
         .unwrap();
@@ -256,7 +256,7 @@ fn another_uid_cannot_squat_the_names_of_future_worker_sockets() {
         .output()
         .unwrap();
     assert!(out.status.success());
-    h.wait_nth_line(&["worker ready"], 31, LONG);
+    h.wait_nth_line(&[READY], 31, LONG);
     // SAFETY: kill(2) on the squatter we started.
     unsafe { libc::kill(squatter.id() as i32, libc::SIGKILL) };
     let _ = squatter.wait();
@@ -297,7 +297,7 @@ fn a_sender_in_another_pid_namespace_is_dropped() {
     .args(["--", "sh", "-c", &barrier_worker(&go)])
     .env("HERDER_LOG", "info");
     let mut h = Herder::spawn(cmd);
-    h.wait_line(&["worker spawned"], LONG);
+    h.wait_line(&[SPAWNED], LONG);
     // Outside the namespace: unshare → herder (pid 1 inside) → the worker.
     let mut worker = 0;
     eventually("the worker, seen from outside", LONG, || {
@@ -360,7 +360,7 @@ fn without_a_writable_directory_abstract_sockets_are_random_and_still_guarded() 
     );
     let mut names = Vec::new();
     for n in 0..2 {
-        let line = h.wait_nth_line(&["worker spawned"], n + 1, LONG);
+        let line = h.wait_nth_line(&[SPAWNED], n + 1, LONG);
         let pid: i32 = field(&line, "pid").unwrap().parse().unwrap();
         names.push(notify_socket_of(pid));
     }
@@ -384,7 +384,7 @@ fn without_a_writable_directory_abstract_sockets_are_random_and_still_guarded() 
     // READY=1 from each worker, after the attack on the same socket: all of it was read.
     h.wait_line(&["pool ready"], LONG);
     assert_eq!(fd_count(h.pid()), before, "the 200 passed fds were closed");
-    assert!(h.count(&["WATCHDOG=trigger"]) == 0 && h.count(&["worker exited"]) == 0);
+    assert!(h.count(&["WATCHDOG=trigger"]) == 0 && h.worker_exits() == 0);
     h.signal(libc::SIGTERM);
     assert_eq!(h.wait_exit(LONG).code(), Some(0));
 }

@@ -73,7 +73,7 @@ fn status_reflects_the_pool_before_and_after_a_kill_and_a_scale() {
 
     // SAFETY: kill(2) on a worker pid herder reported.
     unsafe { libc::kill(before[0] as i32, libc::SIGKILL) };
-    h.wait_nth_line(&["worker ready"], 3, LONG);
+    h.wait_nth_line(&[READY], 3, LONG);
     let doc = status_json(&sock);
     let slot0 = &doc["slots"][0];
     assert_ne!(slot0["pid"].as_i64().unwrap(), before[0]);
@@ -83,15 +83,15 @@ fn status_reflects_the_pool_before_and_after_a_kill_and_a_scale() {
     assert!(table.contains("killed by SIGKILL"), "{table}");
 
     assert!(client(&sock, &["scale", "4"]).status.success());
-    h.wait_line(&["worker ready", "slot=3"], LONG);
+    h.wait_line(&["worker 3 (pid", READY], LONG);
     assert_eq!(slot_pids(&status_json(&sock)).len(), 4);
     assert!(client(&sock, &["scale", "-1"]).status.success());
-    h.wait_line(&["worker exited", "slot=3"], LONG);
+    h.wait_worker_exit(&["worker 3 (pid"], LONG);
     let doc = status_json(&sock);
     assert_eq!(doc["herder"]["workers"], 3);
     assert_eq!(slot_pids(&doc).len(), 3);
     assert!(client(&sock, &["scale", "+1"]).status.success());
-    h.wait_nth_line(&["worker ready", "slot=3"], 2, LONG);
+    h.wait_nth_line(&["worker 3 (pid", READY], 2, LONG);
 
     assert!(client(&sock, &["stop"]).status.success());
     assert_eq!(h.wait_exit(LONG).code(), Some(0));
@@ -271,7 +271,7 @@ fn metrics_parse_as_prometheus_text_and_move_with_the_pool() {
     let victim = h.spawned_pids()[0];
     // SAFETY: kill(2) on a worker pid herder reported.
     unsafe { libc::kill(victim, libc::SIGKILL) };
-    h.wait_nth_line(&["worker ready"], 3, LONG);
+    h.wait_nth_line(&[READY], 3, LONG);
     assert!(client(&sock, &["reload", "--wait"]).status.success());
     let m = scrape();
     assert_eq!(value(&m, "herder_restarts_total", None), 1.0);

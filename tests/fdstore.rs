@@ -329,12 +329,12 @@ fn environ(pid: i32) -> Vec<String> {
         .collect()
 }
 
-/// The worker of each slot, from herder's `worker spawned slot=S pid=P` lines (the latest),
+/// The worker of each slot, from herder's `worker S (pid P) spawned …` lines (the latest),
 /// once `n` have been printed.
 fn workers(h: &mut Herder, n: usize) -> Vec<(usize, i32)> {
-    h.wait_nth_line(&["worker spawned"], n, LONG);
+    h.wait_nth_line(&[SPAWNED], n, LONG);
     let mut by_slot = std::collections::BTreeMap::new();
-    for l in h.lines().iter().filter(|l| l.contains("worker spawned")) {
+    for l in h.lines().iter().filter(|l| l.contains(SPAWNED)) {
         let slot = field(l, "slot").and_then(|s| s.parse().ok());
         let pid = field(l, "pid").and_then(|s| s.parse().ok());
         if let (Some(s), Some(p)) = (slot, pid) {
@@ -898,7 +898,7 @@ fn a_stored_socket_bound_elsewhere_than_its_name_says_is_not_used() {
     );
     assert_eq!(h.addr().port(), port);
     let ready = m.wait_ready(0);
-    h.wait_line(&["stored socket not used", "bound to 127.0.0.1:"], LONG);
+    h.wait_line(&["stored socket", "not used:", "bound to 127.0.0.1:"], LONG);
     let removed = m.removal_of(0, &name).expect("removed");
     let pushed = m.push_of(removed, &name).expect("the new one stored");
     assert!(pushed < ready);
@@ -941,7 +941,10 @@ fn a_unix_socket_is_taken_back_while_its_file_is_there_and_bound_anew_when_it_is
     let from = m.got.len();
     let mut c = start(&args, &SLEEPER, &m, Some("16"), &passed);
     let ready = m.wait_ready(from);
-    c.wait_line(&["stored socket not used", "its socket file is gone"], LONG);
+    c.wait_line(
+        &["stored socket", "not used:", "its socket file is gone"],
+        LONG,
+    );
     let removed = m.removal_of(from, &name).expect("removed");
     let pushed = m.push_of(removed, &name).expect("the new one stored");
     assert!(pushed < ready);
@@ -1015,7 +1018,7 @@ fn a_push_that_fails_is_logged_once_and_herder_serves_on() {
     h.wait_line(&["cannot send to the service manager's fd store"], LONG);
     // Scaling adds a sibling to push: still one line.
     h.signal(libc::SIGTTIN);
-    h.wait_nth_line(&["worker spawned", "slot=2"], 1, LONG);
+    h.wait_nth_line(&["worker 2 (pid", SPAWNED], 1, LONG);
     get(addr, "/").expect("herder still serves");
     assert_eq!(
         h.count(&["cannot send to the service manager's fd store"]),

@@ -97,7 +97,7 @@ fn readyz_follows_the_pool_and_status_matches_it() {
     // A crash shows up as a restart and a last exit.
     // SAFETY: kill(2) on a worker pid herder reported.
     unsafe { libc::kill(spawned[0] as i32, libc::SIGKILL) };
-    h.wait_nth_line(&["worker ready"], 3, LONG);
+    h.wait_nth_line(&[READY], 3, LONG);
     let doc: serde_json::Value = serde_json::from_str(&probe(health, "/status").1).unwrap();
     let crashed = doc["slots"]
         .as_array()
@@ -300,7 +300,7 @@ fn status_answers_during_a_drain_after_some_workers_are_gone() {
     h.wait_line(&["pool ready"], LONG);
     h.wait_line(&["trapped"], LONG);
     h.signal(libc::SIGTERM);
-    h.wait_line(&["worker exited", "slot=0"], LONG);
+    h.wait_worker_exit(&["worker 0 (pid"], LONG);
     let (code, body) = probe(health, "/status");
     assert_eq!(code, 200, "{body}");
     let doc: serde_json::Value = serde_json::from_str(&body).unwrap();

@@ -50,7 +50,7 @@ fn the_manager_sees_ready_watchdog_reloading_ready_stopping_in_order() {
     let mut ns = ns;
     let mut h = Herder::spawn(cmd);
 
-    h.wait_line(&["worker ready", "slot=0"], LONG);
+    h.wait_line(&["worker 0 (pid", READY], LONG);
     ns.wait("a STATUS= while starting", LONG, |d| d.contains("STATUS="));
     assert!(
         !ns.received
@@ -242,7 +242,7 @@ fn ready_notify_with_systemd_notify_works_100_times_out_of_100() {
         assert!(!r.contains("reload failed"), "{r}");
     }
     // 4 + 24 × 4 notifications, every one counted (the log may trail the datagram a little).
-    h.wait_nth_line(&["worker ready"], 100, LONG);
+    h.wait_nth_line(&[READY], 100, LONG);
     assert_eq!(h.count(&["not ready within"]), 0);
 }
 
@@ -266,7 +266,7 @@ fn a_worker_that_never_notifies_is_killed_at_the_ready_timeout() {
         Some(1),
         "failed starts count toward the restart limit"
     );
-    assert_eq!(h.count(&["worker not ready within 1s: killing it"]), 2);
+    assert_eq!(h.count(&[") not ready within 1s: killing it"]), 2);
     assert_eq!(h.count(&["pool ready"]), 0);
 }
 
@@ -353,10 +353,13 @@ fn a_worker_that_stops_sending_watchdog_is_replaced() {
         &["-w", "1", "--worker-watchdog", "300ms"],
         &["sh", "-c", "exec sleep 600"],
     );
-    let first = field(&h.wait_line(&["worker spawned"], LONG), "pid").unwrap();
+    let first = field(&h.wait_line(&[SPAWNED], LONG), "pid").unwrap();
     h.wait_line(&["missed its watchdog", &format!("pid={first}")], LONG);
-    h.wait_line(&["worker exited", &format!("pid={first}"), "SIGABRT"], LONG);
-    h.wait_nth_line(&["worker spawned"], 2, LONG);
+    h.wait_line(
+        &[&format!("(pid {first}) killed by signal 6 (SIGABRT)")],
+        LONG,
+    );
+    h.wait_nth_line(&[SPAWNED], 2, LONG);
 }
 
 #[test]
@@ -382,10 +385,10 @@ fn a_worker_sending_stopping_gets_its_replacement_before_it_exits() {
     let old: i32 = line.split_whitespace().last().unwrap().parse().unwrap();
     h.wait_line(&["stopping on its own (STOPPING=1)"], LONG);
     // The replacement is up while the old one still runs.
-    h.wait_nth_line(&["worker ready"], 2, LONG);
+    h.wait_nth_line(&[READY], 2, LONG);
     assert!(alive(old), "the old worker has not exited yet");
     std::fs::write(&gate, "").unwrap();
-    h.wait_line(&["worker exited", &format!("pid={old}")], LONG);
+    h.wait_worker_exit(&[&format!("(pid {old})")], LONG);
     // restart-limit 0: had that exit counted as a crash, herder would have given up.
     h.signal(libc::SIGTERM);
     assert_eq!(h.wait_exit(LONG).code(), Some(0));
@@ -426,7 +429,7 @@ fn hostile_input_on_the_worker_notify_socket_is_survived_without_leaks() {
         &["-l", "127.0.0.1:0", "-w", "1", "--ready", "notify"],
         &["python3", "-c", HOSTILE, go],
     );
-    h.wait_line(&["worker spawned"], LONG);
+    h.wait_line(&[SPAWNED], LONG);
     let herder_pid = h.pid();
     let devnull = || {
         std::fs::read_dir(format!("/proc/{herder_pid}/fd"))
@@ -453,7 +456,7 @@ fn hostile_input_on_the_worker_notify_socket_is_survived_without_leaks() {
     );
     // Still responsive: a scale-up goes through the same event loop.
     h.signal(libc::SIGTTIN);
-    h.wait_line(&["worker spawned", "slot=1"], LONG);
+    h.wait_line(&["worker 1 (pid", SPAWNED], LONG);
     let rss_kb: u64 = std::fs::read_to_string(format!("/proc/{}/status", h.pid()))
         .unwrap()
         .lines()
@@ -472,7 +475,7 @@ fn messages_from_outside_the_worker_tree_are_dropped_and_logged_once() {
         &["-w", "1", "--ready", "notify", "--ready-timeout", "60s"],
         &["sh", "-c", "exec sleep 600"],
     );
-    let pid: i32 = field(&h.wait_line(&["worker spawned"], LONG), "pid")
+    let pid: i32 = field(&h.wait_line(&[SPAWNED], LONG), "pid")
         .unwrap()
         .parse()
         .unwrap();
@@ -540,7 +543,7 @@ fn a_storm_of_sighups_collapses_into_one_reload() {
     assert_eq!(live.len(), 2, "{live:?}");
     // Coalesced: far fewer spawns than signals (each HUP that lands mid-reload replaces only the
     // not-yet-ready workers).
-    let spawned = h.count(&["worker spawned"]);
+    let spawned = h.count(&[SPAWNED]);
     assert!(spawned < 2 + 2 * 50, "{spawned} spawns for 50 HUPs");
 }
 

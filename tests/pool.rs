@@ -260,8 +260,11 @@ fn kill_9_under_load(extra: &[&str]) {
         let victim = h.spawned_pids().into_iter().find(|&p| alive(p)).unwrap();
         // SAFETY: kill(2) on a worker pid herder reported.
         unsafe { libc::kill(victim, libc::SIGKILL) };
-        h.wait_nth_line(&["worker exited", &format!("pid={victim}")], 1, LONG);
-        h.wait_nth_line(&["worker ready"], 2 + round, LONG);
+        h.wait_line(
+            &[&format!("(pid {victim}) killed by signal 9 (SIGKILL)")],
+            LONG,
+        );
+        h.wait_nth_line(&[READY], 2 + round, LONG);
     }
     let before = ok.load(Ordering::SeqCst);
     eventually("requests keep succeeding", LONG, || {
@@ -362,7 +365,7 @@ fn a_worker_that_always_fails_makes_herder_give_up_with_backoff() {
         );
     }
     assert_eq!(
-        h.count(&["worker exited", "exit status 7"]),
+        h.count(&[") exited with status 7"]),
         4,
         "1 start + 3 restarts"
     );
@@ -410,13 +413,13 @@ fn ttin_and_ttou_scale_the_pool_but_never_below_one() {
     let mut h = Herder::start(&["-w", "1"], &["sh", "-c", "exec sleep 600"]);
     h.wait_line(&["pool ready"], LONG);
     h.signal(libc::SIGTTIN);
-    h.wait_line(&["worker ready", "slot=1"], LONG);
+    h.wait_line(&["worker 1 (pid", READY], LONG);
     h.signal(libc::SIGTTOU);
     h.wait_line(&["scaling down", "slot=1"], LONG);
-    h.wait_line(&["worker exited", "slot=1"], LONG);
+    h.wait_worker_exit(&["worker 1 (pid"], LONG);
     h.signal(libc::SIGTTOU);
     h.signal(libc::SIGTTIN);
-    h.wait_nth_line(&["worker ready", "slot=1"], 2, LONG);
+    h.wait_nth_line(&["worker 1 (pid", READY], 2, LONG);
     assert_eq!(
         h.count(&["scaling down", "slot=0"]),
         0,

@@ -61,7 +61,7 @@ fn scale(sock: &Path, n: &str) {
 fn herder_raises_its_fd_limit_and_workers_get_the_original() {
     // (The previous herder kept the soft limit it was given.)
     let mut h = Herder::spawn(prlimit("256:4096", &["-w", "1"], &["sleep", "600"]));
-    let pid: i32 = field(&h.wait_line(&["worker spawned"], LONG), "pid")
+    let pid: i32 = field(&h.wait_line(&[SPAWNED], LONG), "pid")
         .unwrap()
         .parse()
         .unwrap();
@@ -87,7 +87,7 @@ fn out_of_fds_herder_keeps_running_retries_and_blames_itself() {
     h.wait_line(&["pool ready"], LONG);
     scale(&sock, "45");
     h.wait_line(
-        &["herder cannot start a worker", "herder's own resources"],
+        &["herder cannot start worker ", "herder's own resources"],
         LONG,
     );
     let mut doc = serde_json::Value::Null;
@@ -134,11 +134,11 @@ fn a_dead_workers_leftovers_are_stopped_then_killed() {
     };
     let leftover = pid_after(&mut h, "leftover");
     let stubborn = pid_after(&mut h, "stubborn");
-    h.wait_line(&["worker exited"], LONG);
+    h.wait_worker_exit(&[], LONG);
     eventually("the leftover to take --stop-signal", LONG, || {
         !alive(leftover)
     });
-    h.wait_line(&["processes the worker started are still running"], LONG);
+    h.wait_line(&["left processes running in its process group"], LONG);
     assert!(
         alive(stubborn),
         "it ignores TERM: only SIGKILL, at --drain-timeout"

@@ -26,7 +26,7 @@ fn killing_every_worker_of_a_healthy_pool_of_16_once_does_not_give_up() {
         // SAFETY: kill(2) on a worker of the herder this test started.
         unsafe { libc::kill(pid, libc::SIGKILL) };
     }
-    h.wait_nth_line(&["worker ready"], 32, LONG);
+    h.wait_nth_line(&[READY], 32, LONG);
     assert_eq!(
         h.count(&["restarting at once"]),
         16,
@@ -75,7 +75,7 @@ fn a_worker_that_says_stopping_as_it_starts_is_a_failed_start_not_a_fork_storm()
         &["sh", "-c", "systemd-notify STOPPING=1; exec sleep 30"],
     );
     assert_eq!(h.wait_exit(LONG).code(), Some(1), "a failed start, 4 times");
-    assert_eq!(h.count(&["worker spawned"]), 4, "1 start and 3 restarts");
+    assert_eq!(h.count(&[SPAWNED]), 4, "1 start and 3 restarts");
     assert_eq!(h.count(&["before it had served: a failed start"]), 4);
     for ms in [100, 200, 400] {
         assert_eq!(h.count(&[&format!("restarting in {ms} ms")]), 1);
@@ -94,7 +94,7 @@ fn the_demo_serves_no_crash_route_unless_asked() {
         assert!(get(addr, "/crash").is_err(), "404, not a crash");
     }
     assert!(alive(pid));
-    assert_eq!(h.count(&["worker exited"]), 0);
+    assert_eq!(h.worker_exits(), 0);
     // With --crash-route (tests only) it is there.
     let mut h = Herder::start(
         &["-l", "127.0.0.1:0", "-w", "1", "--restart-limit", "5"],
@@ -103,5 +103,5 @@ fn the_demo_serves_no_crash_route_unless_asked() {
     let addr = h.addr();
     h.wait_line(&["pool ready"], LONG);
     let _ = get(addr, "/crash");
-    h.wait_line(&["worker exited", "exit status 3"], LONG);
+    h.wait_line(&["worker 0 (pid", ") exited with status 3"], LONG);
 }

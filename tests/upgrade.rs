@@ -270,11 +270,7 @@ fn upgrade_keeps_the_pid_the_workers_and_every_connection() {
     assert_eq!(slot_pids(&status(&s.sock)), workers, "fed their watchdog");
     let (ok, failed) = load.finish();
     assert_eq!(failed, 0, "{ok} ok");
-    assert_eq!(
-        s.h.count(&["worker exited"]),
-        1,
-        "only the one killed on purpose"
-    );
+    assert_eq!(s.h.worker_exits(), 1, "only the one killed on purpose");
     let metrics = {
         use std::io::{Read, Write};
         let mut c = std::net::TcpStream::connect(health).unwrap();
@@ -451,7 +447,7 @@ fn a_worker_that_exits_during_the_exec_is_reaped_and_replaced() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    s.h.wait_line(&["worker exited", "slot=1", "exit status 3"], LONG);
+    s.h.wait_line(&["worker 1 (pid", ") exited with status 3"], LONG);
     let mut doc = serde_json::Value::Null;
     eventually("slot 1 refilled", LONG, || {
         doc = status(&s.sock);

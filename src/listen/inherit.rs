@@ -114,7 +114,10 @@ pub fn parse_env(
     };
     if pid != u64::from(my_pid) {
         // Meant for another process (sd_listen_fds(3) ignores them too).
-        tracing::debug!(listen_pid = pid, "LISTEN_FDS is not for us; ignored");
+        tracing::debug!(
+            listen_pid = pid,
+            "LISTEN_FDS is not for us (LISTEN_PID={pid}); ignored"
+        );
         return Ok(None);
     }
     let count = match decimal(fds) {

@@ -86,6 +86,22 @@ pub enum Verdict {
     OutsideTree(i32),
 }
 
+/// Why a sender was dropped, for the log line.
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Verdict::Accepted => write!(f, "accepted"),
+            Verdict::NoCredentials => write!(f, "no credentials"),
+            Verdict::OtherPidNamespace => write!(f, "sent from another pid namespace"),
+            Verdict::OtherUid(uid) => write!(f, "uid {uid} is not the worker's, herder's or root"),
+            Verdict::OutsideTree(pid) => write!(
+                f,
+                "pid {pid} is not the worker, in its process group or a descendant"
+            ),
+        }
+    }
+}
+
 /// Judges a datagram's sender `(pid, uid)` for the worker `worker_pid` running as
 /// `worker_uid`: its uid must be the worker's, herder's or root's, and it must be the worker,
 /// in its process group, or a descendant — or have exited already, which cannot be checked
@@ -169,7 +185,12 @@ pub async fn serve_worker(
                     let verdict = judge(d.sender, pid, worker_uid, my_uid);
                     if verdict != Verdict::Accepted {
                         if !foreign_logged {
-                            warn!(pid, ?verdict, "dropping notifications from a sender that may not speak for the worker (logged once)");
+                            warn!(
+                                pid,
+                                ?verdict,
+                                "dropping notifications to the worker with pid {pid} from a \
+                                 sender that may not speak for the worker: {verdict} (logged once)"
+                            );
                             foreign_logged = true;
                         }
                         continue;
@@ -177,7 +198,8 @@ pub async fn serve_worker(
                     if d.truncated {
                         warn!(
                             pid,
-                            "dropping an oversized notification (over {MAX_DATAGRAM} bytes)"
+                            "dropping an oversized notification to the worker with pid {pid} \
+                             (over {MAX_DATAGRAM} bytes)"
                         );
                         continue;
                     }
@@ -192,7 +214,10 @@ pub async fn serve_worker(
                     break;
                 }
                 Err(e) => {
-                    debug!(pid, "notify socket read failed: {e}");
+                    debug!(
+                        pid,
+                        "notify socket of the worker with pid {pid}: read failed: {e}"
+                    );
                     guard.clear_ready();
                     break;
                 }

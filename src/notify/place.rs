@@ -78,7 +78,11 @@ impl NotifySockets {
         bases.push("/dev/shm".into());
         for base in bases.iter().filter(|b| b.is_absolute()) {
             if let Some(dir) = private_dir(base, owner.is_some()) {
-                info!(dir = %dir.display(), "worker notify sockets");
+                info!(
+                    dir = %dir.display(),
+                    "worker notify sockets in {}",
+                    dir.display()
+                );
                 return NotifySockets {
                     place: Place::Dir(dir),
                     owner,
@@ -144,7 +148,7 @@ impl NotifySockets {
                         }
                         // Taken (by chance, or by someone who wants it): another name.
                         Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => {
-                            warn!(name, "notify socket name taken: trying another");
+                            warn!(name, "notify socket name @{name} taken: trying another");
                             last = Some(e);
                         }
                         Err(e) => return Err(err(e)),

@@ -33,7 +33,13 @@ impl Pool {
                     ours.push((id, r));
                 }
                 None => {
-                    debug!(pid = r.pid, status = %r.status, "reaped a process that is not a worker")
+                    let pid = r.pid;
+                    debug!(
+                        pid,
+                        status = %r.status,
+                        "reaped pid {pid} (not a worker): {}",
+                        r.status.phrase()
+                    )
                 }
             }
         }
@@ -49,10 +55,11 @@ impl Pool {
                     ..
                 }
             );
+            let what = status.phrase();
             if expected {
-                info!(slot, pid, %status, "worker exited");
+                info!(slot, pid, %status, "worker {slot} (pid {pid}) {what}");
             } else {
-                warn!(slot, pid, %status, "worker exited");
+                warn!(slot, pid, %status, "worker {slot} (pid {pid}) {what}");
             }
             if r.group_left {
                 self.stop_leftovers(slot, pid, now);
@@ -67,7 +74,8 @@ impl Pool {
         info!(
             slot,
             pgid,
-            "processes the worker started are still running: sending them {}, SIGKILL in {}",
+            "worker {slot} (pid {pgid}) left processes running in its process group: sending \
+             them {}, SIGKILL in {}",
             self.cfg.stop_signal.as_str(),
             fmt_dur(self.cfg.drain_timeout)
         );
@@ -92,9 +100,10 @@ impl Pool {
         };
         match blame {
             Blame::Command => {
+                let slot = w.slot;
                 error!(
-                    slot = w.slot,
-                    code, "cannot start worker: {reason} (exit {code})"
+                    slot,
+                    code, "cannot start worker {slot}: {reason} (exit {code})"
                 );
                 self.gone(id, format!("failed to start: {reason} (exit {code})"), now);
             }
@@ -129,12 +138,12 @@ impl Pool {
         if self.resource_error.is_none() {
             warn!(
                 slot,
-                "herder cannot start a worker: {reason} (herder's own resources, not the \
-                 worker's fault); retrying in {}",
+                "herder cannot start worker {slot}: {reason} (herder's own resources, not \
+                 the worker's fault); retrying in {}",
                 fmt_dur(delay)
             );
         } else {
-            debug!(slot, "still cannot start a worker: {reason}");
+            debug!(slot, "still cannot start worker {slot}: {reason}");
         }
         self.resource_error = Some(reason);
     }
@@ -224,17 +233,21 @@ impl Pool {
         if let Some(next) = s.next.take() {
             // A reload's replacement is already starting: it takes over the slot.
             s.current = Some(next);
-            info!(slot, "its replacement from the reload takes over the slot");
+            info!(
+                slot,
+                "worker {slot}: its replacement from the reload takes over the slot"
+            );
         } else if delay.is_zero() {
-            info!(slot, "restarting at once (it had served)");
+            info!(slot, "worker {slot} restarting at once (it had served)");
             self.spawn(slot, now);
         } else {
             s.backoff_until = Some(later(now, delay));
             warn!(
                 slot,
                 delay_ms = delay.as_millis() as u64,
-                "restarting in {} ms",
-                delay.as_millis()
+                "worker {slot} restarting in {} ms (backoff after {failures} failed start{})",
+                delay.as_millis(),
+                if failures == 1 { "" } else { "s" }
             );
         }
     }
@@ -253,7 +266,10 @@ impl Pool {
         };
         if s.next == Some(id) {
             let why = format!("slot {slot}: new worker said STOPPING=1 before it was ready");
-            warn!(slot, pid, "{why}");
+            warn!(
+                slot,
+                pid, "new worker {slot} (pid {pid}) said STOPPING=1 before it was ready"
+            );
             self.replacement_failed(slot, why, now);
             return;
         }
@@ -265,7 +281,8 @@ impl Pool {
         if !served(ready_at, now) {
             warn!(
                 slot,
-                pid, "worker said STOPPING=1 before it had served: a failed start"
+                pid,
+                "worker {slot} (pid {pid}) said STOPPING=1 before it had served: a failed start"
             );
             if let Some(w) = self.workers.get_mut(&id) {
                 w.state = State::Stopping {
@@ -279,7 +296,8 @@ impl Pool {
         }
         info!(
             slot,
-            pid, "worker is stopping on its own (STOPPING=1): starting its replacement"
+            pid,
+            "worker {slot} (pid {pid}) is stopping on its own (STOPPING=1): starting its replacement"
         );
         if let Some(w) = self.workers.get_mut(&id) {
             w.state = State::Stopping {

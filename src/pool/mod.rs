@@ -209,7 +209,11 @@ impl Pool {
     // --- starting workers ---------------------------------------------------------------
 
     fn start(&mut self, now: Instant) {
-        info!(workers = self.slots.len(), "starting the pool");
+        info!(
+            workers = self.slots.len(),
+            "starting the pool: {} workers",
+            self.slots.len()
+        );
         if self.cfg.ready == ReadyMode::Notify {
             // Tell systemd a start may take up to --ready-timeout (sd_notify(3) EXTEND_TIMEOUT_USEC).
             self.manager.push(ManagerMsg::ExtendTimeout(
@@ -276,7 +280,10 @@ impl Pool {
         if let Some(s) = self.slots.get_mut(slot) {
             s.resource_failures = 0;
         }
-        info!(slot, pid, generation, "worker spawned");
+        info!(
+            slot,
+            pid, generation, "worker {slot} (pid {pid}) spawned, generation {generation}"
+        );
         match pending {
             Some(Stop::Drain(why)) => return self.stop_worker(id, why, now),
             Some(Stop::Kill(why)) => return self.kill(id, why),
@@ -299,7 +306,7 @@ impl Pool {
         w.state = State::Ready;
         w.ready_at = Some(now);
         let (slot, pid) = (w.slot, w.pid.unwrap_or(0));
-        info!(slot, pid, "worker ready");
+        info!(slot, pid, "worker {slot} (pid {pid}) ready");
         let s = &mut self.slots[slot];
         s.backoff_until = None;
         if s.next == Some(id) {
@@ -315,7 +322,8 @@ impl Pool {
         }
         if !self.announced_ready && !self.reloading && self.is_ready() {
             self.announced_ready = true;
-            info!(ready = self.ready_count(), "pool ready");
+            let ready = self.ready_count();
+            info!(ready, "pool ready: {ready}/{} workers", self.slots.len());
             self.manager.push(ManagerMsg::Ready);
         }
     }
@@ -338,13 +346,14 @@ impl Pool {
             WorkerMsg::WatchdogTrigger if stopping => {
                 debug!(
                     slot,
-                    pid, "WATCHDOG=trigger from a worker already stopping: ignored"
+                    pid, "worker {slot} (pid {pid}) sent WATCHDOG=trigger while stopping: ignored"
                 );
             }
             WorkerMsg::WatchdogTrigger => {
                 warn!(
                     slot,
-                    pid, "worker asked for a watchdog failure (WATCHDOG=trigger)"
+                    pid,
+                    "worker {slot} (pid {pid}) asked for a watchdog failure (WATCHDOG=trigger)"
                 );
                 self.watchdog_failed(id, now);
             }
@@ -358,7 +367,9 @@ impl Pool {
         info!(
             workers = self.workers.len(),
             generation = self.generation,
-            "took over the pool from the previous herder"
+            "took over the pool from the previous herder: {} workers, generation {}",
+            self.workers.len(),
+            self.generation
         );
         self.last_status.clear();
         if self.announced_ready {
@@ -412,7 +423,8 @@ impl Pool {
             self.leftovers.remove(&pgid);
             warn!(
                 pgid,
-                "processes a worker left behind did not stop in time: killing them"
+                "processes the worker with pid {pgid} left in its process group did not stop \
+                 in time: killing them"
             );
             self.out.push(Action::SignalGroup {
                 pgid,
@@ -443,7 +455,7 @@ impl Pool {
                 warn!(
                     slot,
                     pid,
-                    "worker not ready within {}: killing it",
+                    "worker {slot} (pid {pid}) not ready within {}: killing it",
                     fmt_dur(self.cfg.ready_timeout)
                 );
                 self.kill(id, StopWhy::ReadyTimeout);
@@ -452,7 +464,7 @@ impl Pool {
                 warn!(
                     slot,
                     pid,
-                    "worker missed its watchdog ({}): aborting it",
+                    "worker {slot} (pid {pid}) missed its watchdog ({}): aborting it",
                     fmt_dur(self.cfg.worker_watchdog.unwrap_or_default())
                 );
                 self.watchdog_failed(id, now);
@@ -461,7 +473,10 @@ impl Pool {
                 why,
                 kill_at: Some(t),
             } if now >= t => {
-                warn!(slot, pid, "worker did not exit in time: killing it");
+                warn!(
+                    slot,
+                    pid, "worker {slot} (pid {pid}) did not exit in time: killing it"
+                );
                 if !self.phase.serving() {
                     self.killed_any = true;
                 }

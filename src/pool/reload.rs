@@ -18,7 +18,7 @@ impl Pool {
         self.generation += 1;
         info!(
             generation = self.generation,
-            "reload requested: rolling the pool"
+            "reload requested: rolling the pool to generation {}", self.generation
         );
         if self.announced_ready && !self.reloading {
             self.manager.push(ManagerMsg::Reloading);
@@ -66,7 +66,13 @@ impl Pool {
                 generation: self.generation,
             });
             self.counters.reloads_succeeded += 1;
-            info!(generation = self.generation, "reload complete");
+            info!(
+                generation = self.generation,
+                "reload complete: generation {} serving, {}/{} workers ready",
+                self.generation,
+                self.ready_count(),
+                self.slots.len()
+            );
             if self.is_ready() || self.announced_ready {
                 self.announced_ready = true;
                 self.manager.push(ManagerMsg::Ready);

@@ -14,7 +14,8 @@ impl Pool {
         match r {
             Request::Stop => match self.phase {
                 Phase::Running if !self.cfg.shutdown_delay.is_zero() => {
-                    info!(delay = %fmt_dur(self.cfg.shutdown_delay), "stop requested: lame duck, then drain");
+                    let delay = fmt_dur(self.cfg.shutdown_delay);
+                    info!(%delay, "stop requested: lame duck for {delay}, then drain");
                     self.phase = Phase::LameDuck {
                         until: later(now, self.cfg.shutdown_delay),
                     };
@@ -125,7 +126,7 @@ impl Pool {
         } else {
             code
         };
-        info!(code, "pool stopped");
+        info!(code, "pool stopped: herder exits with status {code}");
         self.phase = Phase::Exited;
         self.out.push(Action::Exit(code));
     }
@@ -139,13 +140,13 @@ impl Pool {
         while self.slots.len() < target {
             self.slots.push(Slot::new(&self.cfg));
             let slot = self.slots.len() - 1;
-            info!(slot, "scaling up");
+            info!(slot, "scaling up: starting worker {slot}");
             self.spawn(slot, now);
         }
         while self.slots.len() > target {
             let slot = self.slots.len() - 1;
             let Some(s) = self.slots.pop() else { break };
-            info!(slot, "scaling down");
+            info!(slot, "scaling down: stopping worker {slot}");
             for id in [s.current, s.next].into_iter().flatten() {
                 self.stop_worker(id, StopWhy::Drain, now);
             }

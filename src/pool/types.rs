@@ -59,6 +59,21 @@ impl fmt::Display for ExitStatus {
     }
 }
 
+impl ExitStatus {
+    /// The exit in a log line's words, after "worker 1 (pid 124) ": "exited with status 1",
+    /// "killed by signal 9 (SIGKILL)". (The `Display` form, "exit status 1", is the one
+    /// `herder status`, `/status` and the `status=` field show.)
+    pub fn phrase(&self) -> String {
+        match self {
+            ExitStatus::Code(c) => format!("exited with status {c}"),
+            ExitStatus::Signal(s) => match Signal::try_from(*s) {
+                Ok(sig) => format!("killed by signal {s} ({})", sig.as_str()),
+                Err(_) => format!("killed by signal {s}"),
+            },
+        }
+    }
+}
+
 /// One child the reaper collected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Reaped {

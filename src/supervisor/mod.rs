@@ -185,7 +185,7 @@ impl Supervisor {
                         }
                     }
                     Meaning::Request(r) => {
-                        debug!(signal = sig.as_str(), "signal received");
+                        debug!(signal = sig.as_str(), "{} received", sig.as_str());
                         events.push_back(Event::Request(r));
                     }
                 },
@@ -229,7 +229,7 @@ impl Supervisor {
                 } => spawned.push(self.spawn(id, slot)),
                 Action::Signal { pid, signal } => {
                     if let Err(e) = kill(Pid::from_raw(pid), signal) {
-                        debug!(pid, "kill({}) failed: {e}", signal.as_str());
+                        debug!(pid, "cannot send {} to pid {pid}: {e}", signal.as_str());
                     }
                 }
                 Action::KillGroup { pid } => {
@@ -239,7 +239,11 @@ impl Supervisor {
                 }
                 Action::SignalGroup { pgid, signal } => {
                     if let Err(e) = killpg(Pid::from_raw(pgid), signal) {
-                        debug!(pgid, "killpg({}) failed: {e}", signal.as_str());
+                        debug!(
+                            pgid,
+                            "cannot send {} to process group {pgid}: {e}",
+                            signal.as_str()
+                        );
                     }
                 }
                 Action::ReleaseSlot { slot } => {

@@ -98,7 +98,11 @@ impl Supervisor {
         if wait && conn.is_none() {
             return refuse(self, reply, "no connection to answer on".into());
         }
-        info!(exe = %exe.display(), "upgrade requested: checking the new binary");
+        info!(
+            exe = %exe.display(),
+            "upgrade requested: checking the new binary {}",
+            exe.display()
+        );
         if let Err(why) = upgrade::preflight(&exe, &self.up.args) {
             return refuse(self, reply, why);
         }
@@ -117,7 +121,13 @@ impl Supervisor {
         if let Some(m) = self.manager.as_mut() {
             m.send(&[ManagerMsg::Reloading, ManagerMsg::Watchdog]);
         }
-        info!(from = %upgrade::version(), exe = %exe.display(), "upgrading: executing the new binary in place");
+        info!(
+            from = %upgrade::version(),
+            exe = %exe.display(),
+            "upgrading: executing {} in place (this is herder {})",
+            exe.display(),
+            upgrade::version()
+        );
         if !wait {
             // Answered now, written here: the connection's task would not run before the exec.
             if let Some(c) = conn {
@@ -348,6 +358,12 @@ pub fn resume(state: State, r: Resume) -> anyhow::Result<Supervisor> {
         adopt: readers,
         ..UpgradeCtx::default()
     };
-    info!(from = %state.from_version, to = %upgrade::version(), "upgraded in place");
+    info!(
+        from = %state.from_version,
+        to = %upgrade::version(),
+        "upgraded in place from herder {} to {}",
+        state.from_version,
+        upgrade::version()
+    );
     Ok(s)
 }

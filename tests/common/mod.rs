@@ -57,6 +57,18 @@ impl Drop for TempDir {
     }
 }
 
+/// What herder's line about a started worker says, after "worker S (pid P)" (the `slot=`,
+/// `pid=`, `generation=` fields follow the message on stderr).
+pub const SPAWNED: &str = ") spawned, generation ";
+/// The same for a worker that became ready: "worker S (pid P) ready".
+pub const READY: &str = ") ready";
+
+/// Whether a line is herder's about a worker's end: "worker S (pid P) exited with status N"
+/// or "worker S (pid P) killed by signal N (SIGNAME)".
+pub fn is_worker_exit(line: &str) -> bool {
+    line.contains(") exited with status ") || line.contains(") killed by signal ")
+}
+
 /// A running herder with its stderr (and the workers' stdout) collected line by line.
 pub struct Herder {
     pub child: Child,
@@ -129,7 +141,30 @@ impl Herder {
 
     /// Waits until `n` lines containing every one of `parts` have been printed in all.
     pub fn wait_nth_line(&mut self, parts: &[&str], n: usize, timeout: Duration) -> String {
-        let matches = |l: &str| parts.iter().all(|p| l.contains(p));
+        let what = format!("{parts:?}");
+        self.wait_nth(&what, n, timeout, |l| parts.iter().all(|p| l.contains(p)))
+    }
+
+    /// Waits for a worker-exit line ([`is_worker_exit`]) containing every one of `parts`.
+    pub fn wait_worker_exit(&mut self, parts: &[&str], timeout: Duration) -> String {
+        let what = format!("a worker exit with {parts:?}");
+        self.wait_nth(&what, 1, timeout, |l| {
+            is_worker_exit(l) && parts.iter().all(|p| l.contains(p))
+        })
+    }
+
+    /// Worker-exit lines ([`is_worker_exit`]) printed so far.
+    pub fn worker_exits(&mut self) -> usize {
+        self.lines().iter().filter(|l| is_worker_exit(l)).count()
+    }
+
+    fn wait_nth(
+        &mut self,
+        what: &str,
+        n: usize,
+        timeout: Duration,
+        matches: impl Fn(&str) -> bool,
+    ) -> String {
         let deadline = Instant::now() + timeout;
         loop {
             let found: Vec<&String> = self.seen.iter().filter(|l| matches(l)).collect();
@@ -141,7 +176,7 @@ impl Herder {
                 Ok(line) => self.seen.push(line),
                 Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {
                     panic!(
-                        "no line #{n} with {parts:?} within {timeout:?}; saw:\n{}",
+                        "no line #{n} with {what} within {timeout:?}; saw:\n{}",
                         self.seen.join("\n")
                     )
                 }
@@ -199,11 +234,11 @@ impl Herder {
         }
     }
 
-    /// Pids of workers from `worker spawned slot=S pid=P` lines.
+    /// Pids of workers from `worker S (pid P) spawned, generation G … pid=P` lines.
     pub fn spawned_pids(&mut self) -> Vec<i32> {
         self.lines()
             .iter()
-            .filter(|l| l.contains("worker spawned"))
+            .filter(|l| l.contains(SPAWNED))
             .filter_map(|l| field(l, "pid")?.parse().ok())
             .collect()
     }

@@ -11,7 +11,9 @@
 #     [4] systemctl stop drains an in-flight request; nothing of the unit is left; herder's
 #         structured log lines are in the journal
 #     [5] a worker crash loop: herder gives up (exit 1), Result=exit-code, Restart= then the start
-#         limit take over
+#         limit take over; journalctl -o cat tells each exit in words (slot, pid, status), in the
+#         entry whose HERDER_SLOT=/HERDER_PID= fields say the same; systemctl status tells a
+#         worker killed by pid
 #   trixie (systemd 257, Type=notify-reload drop-in):
 #     [6] systemctl reload is synchronous and loses no request
 #   both:
@@ -451,12 +453,45 @@ suite_bookworm() {
         test "$(grep -c "Main process exited, code=exited, status=1/FAILURE" <<<"$j")" -ge 3 -a \
              "$(grep -c "Failed with result 'exit-code'" <<<"$j")" -ge 2
     check "Restart=on-failure restarted it in between (NRestarts $n0 -> $(prop NRestarts))" test "$(prop NRestarts)" -ge $((n0 + 2))
+    # journalctl and systemctl status show MESSAGE= only: which worker, its pid and its status
+    # must be in the words, and the entry's HERDER_SLOT=/HERDER_PID= fields must say the same.
+    local exit_line slot pid
+    exit_line=$(grep -E -m1 'worker [01] \(pid [0-9]+\) exited with status 3' <<<"$j")
+    check "journalctl -o cat says which worker exited, its pid and status: '$exit_line'" test -n "$exit_line"
+    slot=$(sed -E 's/.*worker ([01]) \(pid ([0-9]+)\).*/\1/' <<<"$exit_line")
+    pid=$(sed -E 's/.*worker ([01]) \(pid ([0-9]+)\).*/\2/' <<<"$exit_line")
+    exit_fields() {
+        [ -n "$exit_line" ] &&
+            grep -qF "$exit_line" <<<"$(ct journalctl -u app.service --no-pager -o cat HERDER_SLOT="$slot" HERDER_PID="$pid")"
+    }
+    check "... in the entry whose fields are HERDER_SLOT=$slot HERDER_PID=$pid" exit_fields
+    check "the restart is told with its worker and delay ($(grep -E -m1 -o 'worker [01] restarting in [0-9]+ ms[^)]*\)' <<<"$j"))" \
+        grep -qE 'worker [01] restarting in [0-9]+ ms \(backoff after [0-9]+ failed starts?\)' <<<"$j"
     grep -E "Scheduled restart|Start request repeated|Failed with result" <<<"$j" | tail -4 | sed 's/^/        /'
     note "app.socket: $(ct systemctl show app.socket -p ActiveState -p Result | tr '\n' ' ')"
     ct rm -f $RUN/crash
     ct systemctl reset-failed app.service app.socket
     ct systemctl start app.socket
     check "after reset-failed the socket activates a healthy pool again" get_ok /
+    # systemctl status shows the lines of the current invocation only (a failed one's are not
+    # there): a worker of this healthy pool, killed by pid, is told there in words.
+    local victim
+    two_workers() { [ "$(wc -w <<<"$(workers)")" = 2 ]; }
+    wait_for 15 two_workers
+    victim=$(workers)
+    victim=${victim%% *}
+    ct kill -9 "$victim"
+    status_tells() {
+        grep -qE "herder\[[0-9]+\]: worker [01] \(pid $victim\) killed by signal 9 \(SIGKILL\)" \
+            <<<"$(ct systemctl status app.service --no-pager --full -n 20 2>&1)"
+    }
+    wait_for 10 status_tells
+    local st
+    st=$(ct systemctl status app.service --no-pager --full -n 20 2>&1)
+    check "systemctl status app tells a killed worker in words: '$(grep -E -m1 -o "worker [01] \(pid $victim\) killed by .*" <<<"$st")'" \
+        status_tells
+    replaced() { two_workers && ! grep -qw "$victim" <<<"$(workers)"; }
+    check "... and its slot has a new worker" wait_for 15 replaced
     upgrade_in_place
     fd_store_restart
 }

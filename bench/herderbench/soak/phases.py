@@ -330,7 +330,7 @@ class Soak(Chaos):
         facts = {"acted on STOPPING=1": 0, "acted on WATCHDOG=trigger": 0,
                  "dropped foreign senders": 0, "dropped oversized": 0, "errors": 0,
                  "panics": 0, "error_examples": []}
-        pats = (("worker is stopping on its own", "acted on STOPPING=1"),
+        pats = (("is stopping on its own (STOPPING=1)", "acted on STOPPING=1"),
                 ("said STOPPING=1 before it had served", "acted on STOPPING=1"),
                 ("asked for a watchdog failure", "acted on WATCHDOG=trigger"),
                 ("may not speak for the worker", "dropped foreign senders"),

@@ -194,3 +194,24 @@ fn a_watchdog_trigger_from_a_draining_worker_changes_nothing() {
         signal: Signal::SIGABRT
     }));
 }
+
+#[test]
+fn an_exit_reads_as_words_in_a_log_line_and_stays_short_in_status() {
+    let cases = [
+        (ExitStatus::Code(3), "exited with status 3", "exit status 3"),
+        (
+            ExitStatus::Signal(9),
+            "killed by signal 9 (SIGKILL)",
+            "killed by SIGKILL",
+        ),
+        (
+            ExitStatus::Signal(99),
+            "killed by signal 99",
+            "killed by signal 99",
+        ),
+    ];
+    for (status, phrase, shown) in cases {
+        assert_eq!(status.phrase(), phrase);
+        assert_eq!(status.to_string(), shown, "herder status, /status, status=");
+    }
+}
