@@ -30,6 +30,7 @@ use crate::notify::{self, Incoming, NotifySockets};
 use crate::pool::{Action, Blame, Event, Phase, Pool, Reaped, ReloadOutcome, Request, WorkerId};
 use crate::signals::{Meaning, Signals};
 use crate::spawn::{self, Plan, WorkerEnv};
+use crate::steer::Steering;
 use crate::{control, metrics, status};
 
 /// Bound on queued worker notifications: a flood waits in the kernel, not in our memory.
@@ -62,6 +63,8 @@ pub struct Supervisor {
     pub up: UpgradeCtx,
     /// herder's sockets in systemd's fd store: slots' siblings follow them in and out.
     pub fd_store: FdStore,
+    /// `--reuseport`: the steering programs on the groups (src/steer/).
+    pub steer: Option<Steering>,
 }
 
 impl Supervisor {
@@ -84,6 +87,7 @@ impl Supervisor {
             reload_waiters: Vec::new(),
             up: UpgradeCtx::default(),
             fd_store: FdStore::default(),
+            steer: None,
             health: None,
             queries_tx,
             queries,
@@ -161,6 +165,7 @@ impl Supervisor {
                     events.push_front(ev);
                 }
             }
+            self.steer();
             self.settle_reload_waiters();
             if !self.up.waiters.is_empty() {
                 self.answer_waiters();
@@ -238,7 +243,9 @@ impl Supervisor {
                     }
                 }
                 Action::ReleaseSlot { slot } => {
-                    self.sockets.release(slot);
+                    let holders = self.pool.workers.iter().filter(|(_, w)| w.slot == slot);
+                    let holders = holders.map(|(&id, _)| id).collect();
+                    self.sockets.release(slot, holders);
                     self.fd_store.sync(&mut self.sockets);
                 }
                 Action::Measure(workers) => {
@@ -297,6 +304,26 @@ impl Supervisor {
         }
     }
 
+    /// Closes the removed slots' sockets nobody holds any more, and steers new connections to
+    /// the slots that can serve now (a program is replaced only when that changed). An image
+    /// that resumed after `herder upgrade` attaches afresh from the pool's state.
+    fn steer(&mut self) {
+        let workers = &self.pool.workers;
+        self.sockets.settle_retired(|id| workers.contains_key(&id));
+        if let Some(steer) = self.steer.as_mut() {
+            steer.update(&self.pool.serving_slots(), &self.sockets);
+        }
+    }
+
+    /// `/status` and `herder status --json`: the pool's document and the steering.
+    fn status_doc(&self, now: Instant) -> Value {
+        let mut doc = status::status_json(&self.pool, &self.sockets, &self.up.record, now);
+        if let Some(s) = &self.steer {
+            doc["steering"] = s.report();
+        }
+        doc
+    }
+
     /// A health probe, answered from the loop's own state (so `/livez` proves the loop runs).
     fn answer(&mut self, q: Query) {
         let now = Instant::now();
@@ -308,7 +335,7 @@ impl Supervisor {
                 format!("not ready: {}\n", status::herder_state(&self.pool).word()),
             ),
             Route::Status => {
-                let doc = status::status_json(&self.pool, &self.sockets, &self.up.record, now);
+                let doc = self.status_doc(now);
                 Answer {
                     code: 200,
                     content_type: "application/json",
@@ -330,8 +357,7 @@ impl Supervisor {
         let serving = self.pool.phase == Phase::Running;
         let (answer, event) = match r.command {
             Command::Status => {
-                let doc =
-                    status::status_json(&self.pool, &self.sockets, &self.up.record, Instant::now());
+                let doc = self.status_doc(Instant::now());
                 (control::ok(json!({ "status": doc })), None)
             }
             Command::Reload { .. } if !serving => {
