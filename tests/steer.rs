@@ -44,6 +44,7 @@ fn receiving(slots: &[usize], of: usize) -> String {
 fn client_ip_keeps_each_client_on_one_slot_and_moves_it_only_while_that_slot_cannot_serve() {
     let dir = TempDir::new("steer-ip");
     let mark = dir.path().join("slow");
+    let control = dir.path().join("ctl");
     // A slot's replacement takes 8 s to get ready once the mark exists (--ready notify).
     let script = format!(
         "if [ -e {} ]; then export DEMO_READY_DELAY_MS=8000; fi; exec {}",
@@ -61,6 +62,8 @@ fn client_ip_keeps_each_client_on_one_slot_and_moves_it_only_while_that_slot_can
             "client-ip",
             "--ready",
             "notify",
+            "--control",
+            control.to_str().unwrap(),
         ],
         &["sh", "-c", &script],
     );
@@ -114,6 +117,21 @@ fn client_ip_keeps_each_client_on_one_slot_and_moves_it_only_while_that_slot_can
     unsafe { libc::kill(victim, libc::SIGKILL) };
     let others: Vec<usize> = (0..4).filter(|&s| s != victim_slot).collect();
     h.wait_line(&[&receiving(&others, 4)], LONG);
+    // herder status says so: the mode, and which slot is steered away.
+    let out = std::process::Command::new(herder_bin())
+        .args(["status", "--control", control.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let want = format!(
+        "steering: client-ip, receiving {}, steered away {victim_slot}",
+        others
+            .iter()
+            .map(|s| s.to_string())
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    assert!(text.contains(&want), "{want:?} in\n{text}");
     let moved_at = Instant::now();
     for &(x, s) in &homes {
         let now = ask(client(x), addr, Duration::from_secs(5));

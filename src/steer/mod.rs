@@ -3,7 +3,7 @@
 //! and with `client-ip` the same slot for the same client — at no cost per connection and
 //! with no process in the path.
 //!
-//! One file per concern: [`program`] (the pure generator), [`order`] (the kernel's order of a
+//! One file per concern: [`mod@program`] (the pure generator), [`order`] (the kernel's order of a
 //! group's sockets, which the program's return value indexes), [`attach`] (the setsockopt).
 //! This file holds what the supervisor keeps between events: what each group has attached,
 //! so that a program is replaced only when the slots that can serve change. It must never
@@ -111,13 +111,29 @@ impl Steering {
         self.receiving = receiving;
     }
 
-    /// `/status`'s `steering` object: the mode and each slot's state.
+    /// `/status`'s `steering` object: the mode and each slot's state, `receiving` or
+    /// `steered away` (`slots` is null while no group is steered).
     pub fn report(&self) -> Value {
-        let slots: Vec<&str> = self
-            .receiving
-            .iter()
-            .map(|&r| if r { "receiving" } else { "steered away" })
-            .collect();
-        json!({ "balance": self.balance.word(), "slots": slots })
+        let slots: Vec<&str> = self.receiving.iter().map(|&r| slot_word(r)).collect();
+        let steered = !self.attached.is_empty();
+        json!({ "balance": self.balance.word(), "slots": steered.then_some(slots) })
+    }
+
+    /// One slot's state for `/status`, if steering is on.
+    pub fn slot(&self, slot: usize) -> Option<&'static str> {
+        if self.attached.is_empty() {
+            return None;
+        }
+        Some(slot_word(
+            self.receiving.get(slot).copied().unwrap_or(false),
+        ))
+    }
+}
+
+fn slot_word(receiving: bool) -> &'static str {
+    if receiving {
+        "receiving"
+    } else {
+        "steered away"
     }
 }

@@ -168,7 +168,7 @@ pub fn program(input: &Input) -> Vec<sock_filter> {
     p
 }
 
-/// The program's head: the hash of the client into A and M[1]. IPv4 and IPv6 are told apart
+/// The program's head: the hash of the client into A and `M[1]`. IPv4 and IPv6 are told apart
 /// by the version nibble of the network header's first byte.
 fn hash(balance: Balance) -> Vec<sock_filter> {
     let with_port = balance == Balance::Hash;
@@ -221,7 +221,7 @@ fn hash(balance: Balance) -> Vec<sock_filter> {
     p
 }
 
-/// A = fold of the words at `offsets` (and of M[0] first, when `seeded`): each step
+/// A = fold of the words at `offsets` (and of `M[0]` first, when `seeded`): each step
 /// `A = (A ^ word) × C1`.
 fn fold(p: &mut Vec<sock_filter>, offsets: &[u32], seeded: bool) {
     for (n, &off) in offsets.iter().enumerate() {

@@ -320,6 +320,14 @@ impl Supervisor {
         let mut doc = status::status_json(&self.pool, &self.sockets, &self.up.record, now);
         if let Some(s) = &self.steer {
             doc["steering"] = s.report();
+            for (i, slot) in doc["slots"]
+                .as_array_mut()
+                .into_iter()
+                .flatten()
+                .enumerate()
+            {
+                slot["steering"] = json!(s.slot(i));
+            }
         }
         doc
     }
