@@ -206,7 +206,8 @@ impl SocketSet {
                     .filter(|(_, l)| l.reusable);
                 let fds = reusable.map(|(i, _)| i).zip(fds).collect();
                 self.retired.push((holders, fds));
-                self.settle_retired(|_| false);
+                // With no holder at all, it closes now.
+                self.settle_retired(|_| true);
             }
         }
     }

@@ -2,7 +2,8 @@
 //! program's return value indexes. A model, kept by [`crate::listen::SocketSet`] as it opens
 //! and closes sockets; it never asks the kernel (nothing can).
 //!
-//! The rules, from net/core/sock_reuseport.c (checked on 6.x, see tests/steer.rs): a socket
+//! The rules, from net/core/sock_reuseport.c (and checked on 6.18: a program returning a
+//! constant index, sockets listened in another order than bound, one closed): a socket
 //! joins at the end of the array when it is hashed — at `listen()` for TCP, at `bind()` for
 //! UDP (`reuseport_add_sock` via `inet_reuseport_add_sock` / `udp_reuseport_add_sock`); when
 //! its last reference closes, the last socket of the array moves into its place
