@@ -7,18 +7,22 @@
 //! group's sockets, which the program's return value indexes), [`attach`] (the setsockopt).
 //! This file holds what the supervisor keeps between events: what each group has attached,
 //! so that a program is replaced only when the slots that can serve change. It must never
-//! decide readiness itself: that is the pool's ([`crate::pool::Pool::serving_slots`]).
+//! decide readiness itself: that is the pool's ([`crate::pool::Pool::serving_slots`]); it
+//! only holds back a crash-looping slot a little longer ([`steerable`]).
 
 mod attach;
 mod order;
 mod program;
 
 use std::collections::BTreeMap;
+use std::time::Instant;
 
 use serde_json::{json, Value};
 use tracing::{debug, warn};
 
 use crate::listen::SocketSet;
+use crate::pool::{Pool, State};
+use crate::throttle::SERVED_AFTER;
 
 pub use attach::sock_id;
 pub use order::{Order, SockId};
@@ -41,6 +45,40 @@ pub struct Steering {
     receiving: Vec<bool>,
     /// Groups whose order is not known, already logged.
     unknown: Vec<usize>,
+    /// When a slot on probation (below) may get connections: the loop wakes up then.
+    pub next: Option<Instant>,
+}
+
+/// Per slot: whether new connections should reach it now, and when that next changes by
+/// itself. A slot is steered to once its worker is ready — except one that is crash-looping
+/// (failed starts since its last worker served): its worker must have been ready for
+/// `SERVED_AFTER` first, the mark the pool uses to tell a crash loop from a worker that
+/// served. Else, with `--ready exec`, each start of a worker that exits at once would be
+/// "ready" for a moment, and connections hashed to it then would wait in its queue.
+pub fn steerable(pool: &Pool, now: Instant) -> (Vec<bool>, Option<Instant>) {
+    let mut next = None::<Instant>;
+    let ready = pool
+        .serving_slots()
+        .into_iter()
+        .zip(&pool.slots)
+        .map(|(serving, slot)| {
+            let w = slot.current.and_then(|id| pool.workers.get(&id));
+            let ready_at = w
+                .filter(|w| w.state == State::Ready)
+                .and_then(|w| w.ready_at);
+            match ready_at {
+                Some(at) if serving && slot.failures > 0 => {
+                    let due = at.checked_add(SERVED_AFTER).unwrap_or(at);
+                    if now < due {
+                        next = Some(next.map_or(due, |n| n.min(due)));
+                    }
+                    now >= due
+                }
+                _ => serving,
+            }
+        })
+        .collect();
+    (ready, next)
 }
 
 impl Steering {
@@ -50,6 +88,7 @@ impl Steering {
             attached: BTreeMap::new(),
             receiving: Vec::new(),
             unknown: Vec::new(),
+            next: None,
         }
     }
 

@@ -170,7 +170,8 @@ impl Supervisor {
             if !self.up.waiters.is_empty() {
                 self.answer_waiters();
             }
-            let deadline = self.pool.next_deadline();
+            let steer_at = self.steer.as_ref().and_then(|s| s.next);
+            let deadline = self.pool.next_deadline().into_iter().chain(steer_at).min();
             let sleep = async {
                 match deadline {
                     Some(d) => tokio::time::sleep_until(d.into()).await,
@@ -311,7 +312,9 @@ impl Supervisor {
         let workers = &self.pool.workers;
         self.sockets.settle_retired(|id| workers.contains_key(&id));
         if let Some(steer) = self.steer.as_mut() {
-            steer.update(&self.pool.serving_slots(), &self.sockets);
+            let (ready, next) = crate::steer::steerable(&self.pool, Instant::now());
+            steer.next = next;
+            steer.update(&ready, &self.sockets);
         }
     }
 
