@@ -15,6 +15,7 @@ use nix::sys::signal::Signal;
 
 use crate::listen::ListenSpec;
 use crate::pool::{PoolConfig, ReadyMode};
+use crate::steer::Balance;
 
 mod env;
 mod man;
@@ -210,6 +211,17 @@ pub struct RunArgs {
     #[arg(long, env = "HERDER_REUSEPORT", value_parser = BoolishValueParser::new())]
     pub reuseport: bool,
 
+    /// With --reuseport: new connections go only to slots whose worker is ready; `hash`
+    /// spreads them by the client's address and port, `client-ip` keeps each client (IPv4
+    /// address, IPv6 /64) on one slot while that slot is ready [default: hash]
+    #[arg(
+        long,
+        env = "HERDER_BALANCE",
+        value_enum,
+        value_name = "hash|client-ip"
+    )]
+    pub balance: Option<BalanceArg>,
+
     /// When a worker counts as ready: right after exec, or when it sends READY=1 to herder's
     /// NOTIFY_SOCKET.
     #[arg(
@@ -347,6 +359,12 @@ pub struct RunArgs {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BalanceArg {
+    Hash,
+    ClientIp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ReadyArg {
     Exec,
     Notify,
@@ -416,8 +434,25 @@ impl RunArgs {
         self.from_env.explain(msg)
     }
 
+    /// How `--reuseport` groups are steered (`None`: without `--reuseport`, nothing is).
+    pub fn balance(&self) -> Option<Balance> {
+        let mode = match self.balance {
+            None | Some(BalanceArg::Hash) => Balance::Hash,
+            Some(BalanceArg::ClientIp) => Balance::ClientIp,
+        };
+        self.reuseport.then_some(mode)
+    }
+
     /// Turns the flags into the pool's configuration; `cpus` is the default pool size.
     pub fn pool_config(&self, cpus: usize) -> Result<PoolConfig, String> {
+        if self.balance.is_some() && !self.reuseport {
+            return Err(
+                "--balance needs --reuseport: herder steers connections between the \
+                        slots' own SO_REUSEPORT sockets, and without --reuseport every worker \
+                        accepts from one shared socket"
+                    .into(),
+            );
+        }
         let workers = self.workers.unwrap_or(cpus.max(1));
         if workers == 0 {
             return Err("--workers must be at least 1".into());

@@ -236,6 +236,34 @@ fn uptime(v: &Value) -> String {
     }
 }
 
+/// `steering: client-ip, receiving 0 1 3, steered away 2` (`--reuseport`).
+fn steering_line(steer: &serde_json::Map<String, Value>) -> String {
+    let slots = steer.get("slots").and_then(Value::as_array);
+    let which = |state: &str| -> String {
+        let n: Vec<String> = slots
+            .into_iter()
+            .flatten()
+            .enumerate()
+            .filter(|(_, s)| s.as_str() == Some(state))
+            .map(|(i, _)| i.to_string())
+            .collect();
+        if n.is_empty() {
+            "none".into()
+        } else {
+            n.join(" ")
+        }
+    };
+    match slots {
+        Some(_) => format!(
+            "steering: {}, receiving {}, steered away {}\n",
+            text(&steer["balance"]),
+            which("receiving"),
+            which("steered away")
+        ),
+        None => format!("steering: {}, off\n", text(&steer["balance"])),
+    }
+}
+
 /// A `pm2 list`-like table of the `/status` document.
 pub fn table(st: &Value) -> String {
     let h = &st["herder"];
@@ -285,6 +313,9 @@ pub fn table(st: &Value) -> String {
             percent(&h["cpu_percent"]),
             text(&h["cpu_seconds"]),
         );
+    }
+    if let Some(steer) = st["steering"].as_object() {
+        out += &steering_line(steer);
     }
     out += &format!(
         "{:<5} {:<8} {:<9} {:<8} {:>7} {:>7} {:<8} {}\n",

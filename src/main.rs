@@ -21,6 +21,7 @@ mod serve;
 mod signals;
 mod spawn;
 mod status;
+mod steer;
 mod supervisor;
 mod throttle;
 mod upgrade;
@@ -190,6 +191,12 @@ fn resume(args: &cli::RunArgs, fd: &OsString, argv: &[OsString]) -> Result<super
             fd_store: args.fd_store,
         },
     )
+    .map(|mut s| {
+        // The programs stay attached across the exec; this image re-attaches from the pool's
+        // state at its first turn of the loop.
+        s.steer = args.balance().map(steer::Steering::new);
+        s
+    })
 }
 
 /// `herder status|reload|scale|stop|generate`: a client of a running herder, or a generator.
@@ -310,6 +317,7 @@ fn setup(
         fdstore: text(&env.fdstore),
     };
     s.fd_store = store;
+    s.steer = args.balance().map(steer::Steering::new);
     Ok(s)
 }
 

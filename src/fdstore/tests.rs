@@ -395,7 +395,7 @@ fn after_an_upgrade_nothing_is_pushed_again_and_slots_are_mirrored_as_before() {
     let mut store = FdStore::resumed(fdstore, false, Some(&m), &[spec], None, &mut sockets, 3);
     assert_eq!(next(), None, "stored already: nothing sent");
     let slot2 = format!("herder/slot2-tcp-127.0.0.1%3A{port}");
-    sockets.release(2);
+    sockets.release(2, Vec::new());
     store.sync(&mut sockets);
     assert_eq!(next(), Some(format!("FDSTOREREMOVE=1\nFDNAME={slot2}\n")));
     sockets.fds_for(2).unwrap();

@@ -2,11 +2,17 @@
 //! sibling set per slot, kept open across that slot's restarts. A slot's siblings may also be
 //! offered ready-made (herder's own, back from systemd's fd store); what was bound and released
 //! is kept in a journal for the fd store to mirror (src/fdstore.rs).
+//!
+//! It also keeps each SO_REUSEPORT group's kernel order ([`Order`]) in step with every socket
+//! it binds and closes, for steering (src/steer/). A removed slot's siblings stay open here
+//! until the workers that hold them are gone ([`SocketSet::settle_retired`]), so that the
+//! moment a socket leaves its group is herder's close, and the order stays known.
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
 use super::{has_reuseport, sibling, ListenError, Listener};
+use crate::steer::{sock_id, Order};
 
 /// The kernel lets a socket join a SO_REUSEPORT group only if it is bound by the same
 /// effective uid as the group's sockets (socket(7)); otherwise `bind` says EADDRINUSE, which
@@ -49,6 +55,24 @@ pub struct SocketSet {
     /// Ready-made siblings by (slot, listener number), used instead of binding.
     offered: BTreeMap<(usize, usize), OwnedFd>,
     changes: Vec<SiblingChange>,
+    /// Per listener: its SO_REUSEPORT group's order (`None`: not a group of herder's).
+    orders: Vec<Option<Order>>,
+    /// Removed slots' siblings, open until none of the workers (ids) that got them is left.
+    retired: Vec<Retired>,
+}
+
+/// A removed slot's siblings (by listener number) and the workers (ids) that got them.
+type Retired = (Vec<u64>, Vec<(usize, OwnedFd)>);
+
+/// One SO_REUSEPORT group as steering sees it.
+pub struct Group<'a> {
+    /// The listener number (its position among the listeners).
+    pub listener: usize,
+    /// A member to attach the group's program to.
+    pub fd: BorrowedFd<'a>,
+    /// The slot each socket serves, in the kernel's order (`None`: a retired slot's socket);
+    /// `None` when the order is not known.
+    pub members: Option<Vec<Option<usize>>>,
 }
 
 impl SocketSet {
@@ -72,6 +96,7 @@ impl SocketSet {
             .map(|l| l.name.as_str())
             .collect::<Vec<_>>()
             .join(":");
+        let orders = first_orders(&listeners, reuseport);
         Ok(SocketSet {
             listeners,
             reuseport,
@@ -79,6 +104,8 @@ impl SocketSet {
             fdnames,
             offered: BTreeMap::new(),
             changes: Vec::new(),
+            orders,
+            retired: Vec::new(),
         })
     }
 
@@ -118,11 +145,22 @@ impl SocketSet {
                 .filter(|(_, l)| l.reusable)
             {
                 if let Some(fd) = self.offered.remove(&(slot, i)) {
+                    // From the fd store: it joined in an earlier herder's time.
+                    if let (Some(Some(o)), Some(id)) = (self.orders.get_mut(i), sock_id(fd.as_fd()))
+                    {
+                        o.join_unknown(id);
+                    }
                     set.push((i, fd));
                     continue;
                 }
                 match sibling(l) {
                     Ok(fd) => {
+                        // Bound and listening: it is the group's last socket now.
+                        if let (Some(Some(o)), Some(id)) =
+                            (self.orders.get_mut(i), sock_id(fd.as_fd()))
+                        {
+                            o.join(id);
+                        }
                         bound.push(i);
                         set.push((i, fd));
                     }
@@ -155,13 +193,70 @@ impl SocketSet {
             .collect())
     }
 
-    /// Closes a removed slot's siblings (herder's copies; a draining worker keeps its own).
-    pub fn release(&mut self, slot: usize) {
+    /// A removed slot's siblings: no longer any slot's, and closed once none of `holders`
+    /// (the workers that got them) is left ([`SocketSet::settle_retired`]).
+    pub fn release(&mut self, slot: usize, holders: Vec<u64>) {
         if let Some(s) = self.per_slot.get_mut(slot) {
-            if s.take().is_some() {
+            if let Some(fds) = s.take() {
                 self.changes.push(SiblingChange::Released { slot });
+                let reusable = self
+                    .listeners
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, l)| l.reusable);
+                let fds = reusable.map(|(i, _)| i).zip(fds).collect();
+                self.retired.push((holders, fds));
+                // With no holder at all, it closes now.
+                self.settle_retired(|_| true);
             }
         }
+    }
+
+    /// Closes the retired siblings whose holders are all gone (`alive` says which are not):
+    /// each leaves its group then, the last socket moving into its place.
+    pub fn settle_retired(&mut self, alive: impl Fn(u64) -> bool) {
+        let (gone, keep) = std::mem::take(&mut self.retired)
+            .into_iter()
+            .partition(|(holders, _)| !holders.iter().any(|&h| alive(h)));
+        self.retired = keep;
+        for (_, fds) in gone {
+            for (i, fd) in fds {
+                if let (Some(Some(o)), Some(id)) = (self.orders.get_mut(i), sock_id(fd.as_fd())) {
+                    o.leave(id);
+                }
+                drop(fd);
+            }
+        }
+    }
+
+    /// Every SO_REUSEPORT group herder steers: one per reusable listener, with `--reuseport`.
+    pub fn groups(&self) -> Vec<Group<'_>> {
+        let mut slot_of = BTreeMap::new();
+        for (slot, set) in self.per_slot.iter().enumerate() {
+            for fd in set.iter().flatten() {
+                if let Some(id) = sock_id(fd.as_fd()) {
+                    slot_of.insert(id, slot);
+                }
+            }
+        }
+        self.orders
+            .iter()
+            .enumerate()
+            .filter_map(|(i, o)| Some((i, o.as_ref()?)))
+            .map(|(i, o)| {
+                let l = &self.listeners[i];
+                if let Some(id) = sock_id(l.fd.as_fd()) {
+                    slot_of.insert(id, 0);
+                }
+                Group {
+                    listener: i,
+                    fd: l.fd.as_fd(),
+                    members: o
+                        .socks()
+                        .map(|s| s.iter().map(|id| slot_of.get(id).copied()).collect()),
+                }
+            })
+            .collect()
     }
 
     /// Offers `fd` as `slot`'s sibling of listener number `listener`, to be used instead of
@@ -235,6 +330,17 @@ impl SocketSet {
             .map(|l| l.name.as_str())
             .collect::<Vec<_>>()
             .join(":");
+        // The order the earlier image knew is not carried yet: it is rebuilt from the slots,
+        // which is right unless slots were removed before the upgrade (src/steer/order.rs).
+        let mut orders = first_orders(&listeners, reuseport);
+        for set in per_slot.iter().flatten() {
+            let reusable = listeners.iter().enumerate().filter(|(_, l)| l.reusable);
+            for ((i, _), fd) in reusable.zip(set) {
+                if let (Some(Some(o)), Some(id)) = (orders.get_mut(i), sock_id(fd.as_fd())) {
+                    o.join(id);
+                }
+            }
+        }
         SocketSet {
             listeners,
             reuseport,
@@ -242,6 +348,19 @@ impl SocketSet {
             fdnames,
             offered: BTreeMap::new(),
             changes: Vec::new(),
+            orders,
+            retired: Vec::new(),
         }
     }
+}
+
+/// Each reusable listener's group, with the listener first (`--reuseport` only).
+fn first_orders(listeners: &[Listener], reuseport: bool) -> Vec<Option<Order>> {
+    listeners
+        .iter()
+        .map(|l| {
+            let id = sock_id(l.fd.as_fd())?;
+            (reuseport && l.reusable).then(|| Order::new(id))
+        })
+        .collect()
 }

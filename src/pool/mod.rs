@@ -183,6 +183,20 @@ impl Pool {
             .count()
     }
 
+    /// Per slot: whether its current worker is ready, so that new connections should reach
+    /// it (what `--reuseport` steering follows, src/steer/).
+    pub fn serving_slots(&self) -> Vec<bool> {
+        let ready = |id: &WorkerId| {
+            self.workers
+                .get(id)
+                .is_some_and(|w| w.state == State::Ready)
+        };
+        self.slots
+            .iter()
+            .map(|s| s.current.as_ref().is_some_and(ready))
+            .collect()
+    }
+
     /// `--min-ready`, never more than the pool.
     pub fn min_ready(&self) -> usize {
         self.cfg

@@ -32,6 +32,7 @@ use crate::notify::{self, Incoming, NotifySockets};
 use crate::pool::{Action, Blame, Event, Phase, Pool, Reaped, ReloadOutcome, Request, WorkerId};
 use crate::signals::{Meaning, Signals};
 use crate::spawn::{self, Plan, WorkerEnv};
+use crate::steer::Steering;
 use crate::{control, metrics, status};
 
 /// Bound on queued worker notifications: a flood waits in the kernel, not in our memory.
@@ -66,6 +67,8 @@ pub struct Supervisor {
     pub fd_store: FdStore,
     /// The workers' memory and CPU, sampled on request (and the tracker behind CPU %).
     pub meter: Meter,
+    /// `--reuseport`: the steering programs on the groups (src/steer/).
+    pub steer: Option<Steering>,
 }
 
 impl Supervisor {
@@ -89,6 +92,7 @@ impl Supervisor {
             up: UpgradeCtx::default(),
             fd_store: FdStore::default(),
             meter: Meter::default(),
+            steer: None,
             health: None,
             queries_tx,
             queries,
@@ -166,11 +170,13 @@ impl Supervisor {
                     events.push_front(ev);
                 }
             }
+            self.steer();
             self.settle_reload_waiters();
             if !self.up.waiters.is_empty() {
                 self.answer_waiters();
             }
-            let deadline = self.pool.next_deadline();
+            let steer_at = self.steer.as_ref().and_then(|s| s.next);
+            let deadline = self.pool.next_deadline().into_iter().chain(steer_at).min();
             let sleep = async {
                 match deadline {
                     Some(d) => tokio::time::sleep_until(d.into()).await,
@@ -247,7 +253,9 @@ impl Supervisor {
                     }
                 }
                 Action::ReleaseSlot { slot } => {
-                    self.sockets.release(slot);
+                    let holders = self.pool.workers.iter().filter(|(_, w)| w.slot == slot);
+                    let holders = holders.map(|(&id, _)| id).collect();
+                    self.sockets.release(slot, holders);
                     self.fd_store.sync(&mut self.sockets);
                 }
                 Action::Measure(workers) => {
@@ -309,6 +317,39 @@ impl Supervisor {
         }
     }
 
+    /// Closes the removed slots' sockets nobody holds any more, and steers new connections to
+    /// the slots that can serve now (a program is replaced only when that changed). An image
+    /// that resumed after `herder upgrade` attaches afresh from the pool's state.
+    fn steer(&mut self) {
+        let workers = &self.pool.workers;
+        self.sockets.settle_retired(|id| workers.contains_key(&id));
+        if let Some(steer) = self.steer.as_mut() {
+            let (ready, next) = crate::steer::steerable(&self.pool, Instant::now());
+            steer.next = next;
+            steer.update(&ready, &self.sockets);
+        }
+    }
+
+    /// `/status` and `herder status --json`: the pool's document and the steering.
+    /// The status document (`/status`, `herder status`): the pool, the workers' usage
+    /// (sampled now, or reused), and the steering.
+    fn status_doc(&mut self, now: Instant) -> Value {
+        let usage = self.meter.report(&self.pool, now);
+        let mut doc = status::status_json(&self.pool, &self.sockets, &self.up.record, usage, now);
+        if let Some(s) = &self.steer {
+            doc["steering"] = s.report();
+            for (i, slot) in doc["slots"]
+                .as_array_mut()
+                .into_iter()
+                .flatten()
+                .enumerate()
+            {
+                slot["steering"] = json!(s.slot(i));
+            }
+        }
+        doc
+    }
+
     /// A health probe, answered from the loop's own state (so `/livez` proves the loop runs).
     fn answer(&mut self, q: Query) {
         let now = Instant::now();
@@ -320,9 +361,7 @@ impl Supervisor {
                 format!("not ready: {}\n", status::herder_state(&self.pool).word()),
             ),
             Route::Status => {
-                let usage = self.meter.report(&self.pool, now);
-                let doc =
-                    status::status_json(&self.pool, &self.sockets, &self.up.record, usage, now);
+                let doc = self.status_doc(now);
                 Answer {
                     code: 200,
                     content_type: "application/json",
@@ -348,10 +387,7 @@ impl Supervisor {
         let serving = self.pool.phase == Phase::Running;
         let (answer, event) = match r.command {
             Command::Status => {
-                let now = Instant::now();
-                let usage = self.meter.report(&self.pool, now);
-                let doc =
-                    status::status_json(&self.pool, &self.sockets, &self.up.record, usage, now);
+                let doc = self.status_doc(Instant::now());
                 (control::ok(json!({ "status": doc })), None)
             }
             Command::Reload { .. } if !serving => {
