@@ -76,6 +76,11 @@ pub struct State {
     pub reuseport: bool,
     /// Per slot: the `--reuseport` siblings (slot 0 uses the listeners themselves).
     pub siblings: Vec<Option<Vec<RawFd>>>,
+    /// Per listener: its SO_REUSEPORT group's kernel order (socket inodes; whether known).
+    /// Missing (an older image): rebuilt from the slots.
+    pub orders: Vec<Option<(Vec<u64>, bool)>>,
+    /// Removed slots' siblings still held by old workers: (worker ids, (listener, fd)).
+    pub retired: Vec<crate::listen::RetiredParts<RawFd>>,
     pub health_fd: Option<RawFd>,
     pub control_fd: Option<RawFd>,
     pub control_path: Option<PathBuf>,
@@ -105,6 +110,11 @@ impl State {
     pub fn fds(&self) -> Vec<RawFd> {
         let mut out: Vec<RawFd> = self.listeners.iter().map(|l| l.fd).collect();
         out.extend(self.siblings.iter().flatten().flatten());
+        out.extend(
+            self.retired
+                .iter()
+                .flat_map(|(_, fds)| fds.iter().map(|(_, fd)| *fd)),
+        );
         out.extend(self.health_fd);
         out.extend(self.control_fd);
         out.extend(self.notify.iter().map(|n| n.fd));

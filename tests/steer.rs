@@ -252,3 +252,92 @@ fn balance_without_reuseport_is_a_usage_error_that_says_why() {
         LONG,
     );
 }
+
+/// `herder …` against the control socket `ctl`; its stdout and whether it succeeded.
+fn ctl(exe: &std::path::Path, ctl: &std::path::Path, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(exe)
+        .args(args)
+        .arg("--control")
+        .arg(ctl)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+#[test]
+fn an_upgrade_keeps_the_kernel_order_with_a_retired_sibling_still_in_the_group() {
+    // Slot 2 is removed while its worker drains a slow request (its sibling stays in the group,
+    // held by that worker), then added back: the group is [slot 0, 1, old 2, new 2]. herder is
+    // upgraded in place meanwhile; the new image must still send slot 2's clients to the new
+    // slot 2's socket, not to the draining worker's.
+    let dir = TempDir::new("steer-up");
+    let exe = dir.path().join("herder");
+    std::fs::copy(herder_bin(), &exe).unwrap();
+    let control = dir.path().join("ctl");
+    let mut cmd = std::process::Command::new(&exe);
+    cmd.args([
+        "-l",
+        "127.0.0.1:0",
+        "-w",
+        "3",
+        "--reuseport",
+        "--balance",
+        "client-ip",
+    ])
+    .args(["--ready", "notify", "--drain-timeout", "60s", "--control"])
+    .arg(&control)
+    .arg("--")
+    .arg(demo_bin())
+    .env_remove("NOTIFY_SOCKET")
+    .env_remove("LISTEN_FDS")
+    .env_remove("LISTEN_PID");
+    steer_log(&mut cmd);
+    let mut h = Herder::spawn(cmd);
+    let addr = h.addr();
+    h.wait_line(&[&receiving(&[0, 1, 2], 3)], LONG);
+    let homed: Vec<u8> = (1..=200u8)
+        .filter(|&x| ask(client(x), addr, LONG) == Some(2))
+        .take(10)
+        .collect();
+    assert!(!homed.is_empty(), "some clients live on slot 2");
+    // A 20 s request on slot 2's worker: it keeps that worker, and its sibling, alive.
+    let slow_from = homed[0];
+    let slow = std::thread::spawn(move || {
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        s.bind(&SocketAddr::V4(SocketAddrV4::new(client(slow_from), 0)).into())
+            .unwrap();
+        s.connect(&addr.into()).unwrap();
+        let mut s = std::net::TcpStream::from(s);
+        write!(
+            s,
+            "GET /sleep?ms=20000 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut resp = String::new();
+        let _ = s.read_to_string(&mut resp);
+        resp
+    });
+    std::thread::sleep(Duration::from_millis(300)); // a measurement pause: the request is in
+    assert!(ctl(&exe, &control, &["scale", "2"]).0);
+    h.wait_line(&[&receiving(&[0, 1], 2)], LONG);
+    assert!(ctl(&exe, &control, &["scale", "3"]).0);
+    h.wait_nth_line(&[&receiving(&[0, 1, 2], 3)], 2, LONG);
+    let (ok, text) = ctl(&exe, &control, &["upgrade", "--wait", "--timeout", "30s"]);
+    assert!(ok, "herder upgrade: {text}");
+    h.wait_line(&["took over the pool"], LONG);
+    // The new image has re-attached; slot 2's clients reach the new slot 2 at once.
+    for &x in &homed {
+        assert_eq!(
+            ask(client(x), addr, Duration::from_secs(3)),
+            Some(2),
+            "127.0.0.{x} after the upgrade"
+        );
+    }
+    let resp = slow.join().unwrap();
+    assert!(
+        resp.starts_with("HTTP/1.1 200"),
+        "the drained request finished: {resp:?}"
+    );
+}

@@ -25,7 +25,7 @@ use inherit::FDNAME_MAX;
 
 pub use bind::{bind, has_reuseport, listener, sibling};
 pub use inherit::{check_no_extra_fd, inherit_fds, validate_inherited, InheritedEnv};
-pub use set::{SiblingChange, SocketSet};
+pub use set::{RetiredParts, SiblingChange, SocketSet, SteerParts};
 pub use spec::{Addr, ListenSpec};
 
 /// The first inherited fd, `SD_LISTEN_FDS_START`.

@@ -298,6 +298,20 @@ impl SocketSet {
 /// The listeners with their fds, whether siblings are per slot, and each slot's siblings.
 pub type Parts<'a> = (Vec<(RawFd, &'a Listener)>, bool, Vec<Option<Vec<RawFd>>>);
 
+/// What steering needs to cross an upgrade: each listener's group order (the sockets by
+/// inode, and whether the order is known), and the retired siblings — the workers (ids)
+/// holding them and their fds by listener number. A retired sibling is still in its group
+/// while an old worker holds it, so the new image must keep it, and know where it is.
+#[derive(Debug, Default)]
+pub struct SteerParts<Fd> {
+    pub orders: Vec<Option<(Vec<u64>, bool)>>,
+    pub retired: Vec<RetiredParts<Fd>>,
+}
+
+/// One retired sibling set as it crosses an upgrade: the worker ids holding it, and its fds by
+/// listener number.
+pub type RetiredParts<Fd> = (Vec<u64>, Vec<(usize, Fd)>);
+
 /// What crosses an in-place upgrade (fd numbers stay the same across exec).
 impl SocketSet {
     /// The listeners with their fds, whether siblings are per slot, and each slot's siblings.
@@ -318,26 +332,55 @@ impl SocketSet {
         (listeners, self.reuseport, siblings)
     }
 
+    /// The groups' orders and the retired siblings (fd numbers), for the next image.
+    pub fn steer_parts(&self) -> SteerParts<RawFd> {
+        SteerParts {
+            orders: self
+                .orders
+                .iter()
+                .map(|o| o.as_ref().map(Order::to_parts))
+                .collect(),
+            retired: self
+                .retired
+                .iter()
+                .map(|(holders, fds)| {
+                    let fds = fds.iter().map(|(i, fd)| (*i, fd.as_raw_fd())).collect();
+                    (holders.clone(), fds)
+                })
+                .collect(),
+        }
+    }
+
     /// The set an earlier image had: its listeners and siblings, taken over as they are (they
     /// were validated when first bound or inherited).
+    /// With `steer` from an image that carried it, the groups' orders and retired siblings
+    /// are taken over as they are; without (an older image), the orders are rebuilt from the
+    /// slots, which is right unless slots were removed before the upgrade.
     pub fn from_parts(
         listeners: Vec<Listener>,
         reuseport: bool,
         per_slot: Vec<Option<Vec<OwnedFd>>>,
+        steer: SteerParts<OwnedFd>,
     ) -> SocketSet {
         let fdnames = listeners
             .iter()
             .map(|l| l.name.as_str())
             .collect::<Vec<_>>()
             .join(":");
-        // The order the earlier image knew is not carried yet: it is rebuilt from the slots,
-        // which is right unless slots were removed before the upgrade (src/steer/order.rs).
         let mut orders = first_orders(&listeners, reuseport);
-        for set in per_slot.iter().flatten() {
-            let reusable = listeners.iter().enumerate().filter(|(_, l)| l.reusable);
-            for ((i, _), fd) in reusable.zip(set) {
-                if let (Some(Some(o)), Some(id)) = (orders.get_mut(i), sock_id(fd.as_fd())) {
-                    o.join(id);
+        if steer.orders.len() == orders.len() {
+            for (o, carried) in orders.iter_mut().zip(steer.orders) {
+                if let (Some(o), Some((socks, known))) = (o.as_mut(), carried) {
+                    *o = Order::from_parts(socks, known);
+                }
+            }
+        } else {
+            for set in per_slot.iter().flatten() {
+                let reusable = listeners.iter().enumerate().filter(|(_, l)| l.reusable);
+                for ((i, _), fd) in reusable.zip(set) {
+                    if let (Some(Some(o)), Some(id)) = (orders.get_mut(i), sock_id(fd.as_fd())) {
+                        o.join(id);
+                    }
                 }
             }
         }
@@ -349,7 +392,7 @@ impl SocketSet {
             offered: BTreeMap::new(),
             changes: Vec::new(),
             orders,
-            retired: Vec::new(),
+            retired: steer.retired,
         }
     }
 }

@@ -58,6 +58,16 @@ impl Order {
     pub fn socks(&self) -> Option<&[SockId]> {
         self.known.then_some(&self.socks[..])
     }
+
+    /// The model as it crosses `herder upgrade`: every socket, and whether the order is known.
+    pub fn to_parts(&self) -> (Vec<SockId>, bool) {
+        (self.socks.clone(), self.known)
+    }
+
+    /// The model an earlier image kept ([`Order::to_parts`]).
+    pub fn from_parts(socks: Vec<SockId>, known: bool) -> Order {
+        Order { socks, known }
+    }
 }
 
 #[cfg(test)]

@@ -154,6 +154,7 @@ impl Supervisor {
     /// The state the next image takes over.
     fn gather(&self, now: Instant, now_ns: u64) -> State {
         let (listeners, reuseport, siblings) = self.sockets.parts();
+        let steer = self.sockets.steer_parts();
         State {
             format: upgrade::FORMAT,
             from_version: upgrade::version(),
@@ -171,6 +172,8 @@ impl Supervisor {
                 .collect(),
             reuseport,
             siblings,
+            orders: steer.orders,
+            retired: steer.retired,
             health_fd: self.up.health_fd,
             control_fd: self.up.control_fd,
             control_path: self.control_path.clone(),
@@ -278,7 +281,23 @@ pub fn resume(state: State, r: Resume) -> anyhow::Result<Supervisor> {
             })
         })
         .collect();
-    let sockets = SocketSet::from_parts(listeners, state.reuseport, per_slot);
+    let steer = crate::listen::SteerParts {
+        orders: state.orders.clone(),
+        retired: state
+            .retired
+            .iter()
+            .map(|(holders, fds)| {
+                let fds = fds
+                    .iter()
+                    .filter(|(_, fd)| is_socket(*fd))
+                    // SAFETY: as above.
+                    .map(|&(i, fd)| (i, unsafe { OwnedFd::from_raw_fd(fd) }))
+                    .collect();
+                (holders.clone(), fds)
+            })
+            .collect(),
+    };
+    let sockets = SocketSet::from_parts(listeners, state.reuseport, per_slot, steer);
     let manager = match &state.notify_socket {
         Some(v) => Some(Manager::new(v).context("NOTIFY_SOCKET")?),
         None => None,
