@@ -9,8 +9,9 @@ C/R seconds on its own schedule (staggered); a request that is late starts at on
 it missed are skipped, not made up in a burst. Without it every connection sends the next
 request as soon as the last one is done.
 
-Runs until --duration has passed or SIGTERM/SIGINT arrives, lets in-flight requests finish
-(each bounded by --timeout), then prints one JSON object on stdout.
+Prints "started" once SIGTERM/SIGINT are handled; runs until --duration has passed or one of
+them arrives, lets in-flight requests finish (each bounded by --timeout), then prints one JSON
+object on stdout.
 
 A request counts as ok when a complete HTTP response with a 2xx status arrived. Every other
 request is failed, in exactly one class:
@@ -74,6 +75,9 @@ async def main(args):
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # The first line: a SIGTERM from now on ends the run with a result (before, it killed the
+    # interpreter, and a caller that stops a fast event at once got nothing).
+    print("started", flush=True)
     ok = 0
     fails = Counter()
     examples = []

@@ -3,6 +3,7 @@ counts and for which worker answered. Loopback only, every run bounded in time."
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -71,6 +72,13 @@ class Client:
         self.duration = duration
         self.p = subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
                                   text=True, start_new_session=True)
+        # Until it says "started", a SIGTERM would kill it before it can print a result.
+        ready, _, _ = select.select([self.p.stdout], [], [], 30)
+        first = self.p.stdout.readline() if ready else ""
+        if first.strip() != "started":
+            self.p.kill()
+            self.p.wait()
+            raise Unavailable(f"loadclient did not start: {first[-200:]!r}")
 
     def stop(self, early=True):
         if early and self.p.poll() is None:
