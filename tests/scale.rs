@@ -174,3 +174,80 @@ fn scaling_4_2_4_under_load_resets_and_refuses_no_connection() {
     // The removed slots' workers left: steered away, then drained.
     assert!(h.count(&["steered away: it accepts what is queued"]) >= 10);
 }
+
+#[test]
+fn a_removed_slot_whose_worker_accepts_nothing_is_left_after_at_most_a_second() {
+    let dir = TempDir::new("scale-stuck");
+    let ctl = dir.path().join("ctl");
+    // Slot 1's worker never accepts: connections the kernel queues on its socket stay there.
+    let script = format!(
+        "if [ \"$HERDER_WORKER\" = 1 ]; then exec sleep 1000; fi; exec {}",
+        demo_bin()
+    );
+    let mut h = Herder::start(
+        &[
+            "-l",
+            "127.0.0.1:0",
+            "-w",
+            "2",
+            "--reuseport",
+            "--control",
+            ctl.to_str().unwrap(),
+        ],
+        &["sh", "-c", &script],
+    );
+    let addr = h.addr();
+    wait_scaled(&ctl, 2);
+    // 40 connections, spread by the kernel's hash: some wait in slot 1's queue.
+    let conns: Vec<TcpStream> = (1..=40u8)
+        .map(|x| {
+            let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+            s.bind(&SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, x), 0)).into())
+                .unwrap();
+            s.connect(&addr.into()).unwrap();
+            TcpStream::from(s)
+        })
+        .collect();
+    scale(&ctl, 1);
+    h.wait_line(&["worker 1 (pid ", "steered away"], LONG);
+    // herder status names it: leaving (for up to the 1 s bound).
+    let st = status(&ctl).expect("status");
+    let states: Vec<&str> = st["other_workers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|w| w["state"].as_str())
+        .collect();
+    // (Unless a loaded machine took longer than that to run `herder status`.)
+    let drained = h.count(&["draining it anyway"]) > 0;
+    assert!(
+        states.contains(&"leaving") || drained,
+        "a leaving worker in {states:?}"
+    );
+    // The queue never empties: it drains at the bound, and what was queued is reset.
+    h.wait_line(
+        &[
+            "worker 1 (pid ",
+            "still queued on its socket after 1s: draining it anyway",
+        ],
+        LONG,
+    );
+    h.wait_line(&["worker 1 (pid ", "killed by signal 15"], LONG);
+    // Once its socket has closed: the connections that waited there were reset, the others
+    // are served by slot 0.
+    let outcomes: Vec<Outcome> = conns
+        .into_iter()
+        .map(|mut c| {
+            c.set_read_timeout(Some(LONG)).unwrap();
+            let mut resp = String::new();
+            let sent = write!(c, "GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+            match sent.and_then(|()| c.read_to_string(&mut resp)) {
+                Ok(_) if resp.starts_with("HTTP/1.1 200") => Outcome::Ok,
+                Ok(_) => Outcome::Reset,
+                Err(e) => classify(&e),
+            }
+        })
+        .collect();
+    assert!(outcomes.contains(&Outcome::Reset), "{outcomes:?}");
+    assert!(outcomes.contains(&Outcome::Ok), "{outcomes:?}");
+}
