@@ -500,6 +500,9 @@ impl RunArgs {
             manager_watchdog: None,
             max_memory: self.max_memory,
             max_lifetime: self.max_lifetime,
+            leave_timeout: self
+                .reuseport
+                .then(|| crate::pool::LEAVE_MAX.min(self.drain_timeout)),
         })
     }
 }

@@ -24,7 +24,7 @@ pub fn render(pool: &Pool, upgrades: &Record, usage: &PoolUsage) -> String {
     let reg = root.sub_registry_with_prefix("herder");
 
     let by_state = Family::<Labels, Gauge>::default();
-    for state in ["starting", "ready", "draining", "stopping"] {
+    for state in ["starting", "ready", "leaving", "draining", "stopping"] {
         by_state.get_or_create(&label("state", state)).set(0);
     }
     for w in pool.workers.values() {

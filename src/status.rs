@@ -101,11 +101,13 @@ pub fn status_line(pool: &Pool, now: Instant) -> String {
     }
 }
 
-/// A worker's state as one word: starting, ready, draining, stopping (killed or aborted).
+/// A worker's state as one word: starting, ready, leaving (a removed slot's, still accepting
+/// its queue), draining, stopping (killed or aborted).
 pub fn worker_state(w: &Worker) -> &'static str {
     match w.state {
         State::Spawning | State::Starting { .. } => "starting",
         State::Ready => "ready",
+        State::Leaving { .. } => "leaving",
         State::Stopping {
             why: StopWhy::Drain | StopWhy::Retiring,
             kill_at: Some(_),

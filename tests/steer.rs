@@ -341,3 +341,66 @@ fn an_upgrade_keeps_the_kernel_order_with_a_retired_sibling_still_in_the_group()
         "the drained request finished: {resp:?}"
     );
 }
+
+/// A UDP worker for the tests (herder-demo serves only HTTP): answers every datagram on fd 3
+/// with its slot number, exits on SIGTERM.
+const UDP_ECHO: &str = "import os, signal, socket, sys\n\
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\n\
+s = socket.socket(fileno=3)\n\
+slot = os.environ['HERDER_WORKER'].encode()\n\
+while True:\n    data, peer = s.recvfrom(512)\n    s.sendto(slot, peer)\n";
+
+/// One datagram from `src` to `addr`: the slot that answered (`None`: no answer in `timeout`).
+fn ask_udp(src: Ipv4Addr, addr: SocketAddr, timeout: Duration) -> Option<usize> {
+    let s = std::net::UdpSocket::bind(SocketAddrV4::new(src, 0)).ok()?;
+    s.set_read_timeout(Some(timeout)).ok()?;
+    s.send_to(b"?", addr).ok()?;
+    let mut buf = [0u8; 16];
+    let (n, _) = s.recv_from(&mut buf).ok()?;
+    std::str::from_utf8(&buf[..n]).ok()?.parse().ok()
+}
+
+#[test]
+fn udp_with_client_ip_keeps_each_client_on_one_slot_and_spreads_them_evenly() {
+    let mut cmd = herder_cmd(
+        &[
+            "-l",
+            "udp:127.0.0.1:0",
+            "-w",
+            "4",
+            "--reuseport",
+            "--balance",
+            "client-ip",
+        ],
+        &["python3", "-c", UDP_ECHO],
+    );
+    steer_log(&mut cmd);
+    let mut h = Herder::spawn(cmd);
+    let line = h.wait_line(&["listening", "addr="], LONG);
+    let addr: SocketAddr = field(&line, "addr")
+        .and_then(|a| a.trim_start_matches("udp:").parse().ok())
+        .unwrap_or_else(|| panic!("a UDP address in {line}"));
+    h.wait_line(&[&receiving(&[0, 1, 2, 3], 4)], LONG);
+    // Each worker answers before the test counts (python starts slowly; a datagram sent
+    // before it reads would wait in the socket, which is fine, but it would not time out).
+    for x in 1..=100u8 {
+        eventually(&format!("127.0.0.{x} answered"), LONG, || {
+            ask_udp(client(x), addr, Duration::from_millis(500)).is_some()
+        });
+    }
+    let mut per_slot = [0usize; 4];
+    for x in 1..=100u8 {
+        let slots: Vec<Option<usize>> = (0..10)
+            .map(|_| ask_udp(client(x), addr, Duration::from_secs(5)))
+            .collect();
+        assert!(
+            slots.iter().all(|s| *s == slots[0] && s.is_some()),
+            "127.0.0.{x}: {slots:?}"
+        );
+        per_slot[slots[0].unwrap()] += 1;
+    }
+    assert!(
+        per_slot.iter().all(|&n| n <= 37),
+        "no slot above 1.5× its share of 25: {per_slot:?}"
+    );
+}

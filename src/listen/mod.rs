@@ -5,10 +5,12 @@
 //! listening socket (the open file description is shared with every worker) and never accept.
 //!
 //! One file per concern: [`spec`] (what `--listen` says), [`mod@inherit`] (what LISTEN_* say),
-//! [`mod@bind`] (binding, and `--reuseport` siblings), [`set`] (the sockets each slot gets).
+//! [`mod@bind`] (binding, and `--reuseport` siblings), [`set`] (the sockets each slot gets),
+//! [`queue`] (what still waits on a removed slot's socket).
 
 mod bind;
 mod inherit;
+mod queue;
 mod set;
 mod spec;
 

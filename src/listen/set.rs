@@ -229,6 +229,16 @@ impl SocketSet {
         }
     }
 
+    /// Whether a connection or datagram still waits on a retired sibling `holder` (a worker
+    /// id) got: what its leaving worker should accept before it drains (src/pool/leave.rs).
+    pub fn retired_waiting(&self, holder: u64) -> bool {
+        self.retired
+            .iter()
+            .filter(|(holders, _)| holders.contains(&holder))
+            .flat_map(|(_, fds)| fds)
+            .any(|(_, fd)| super::queue::waiting(fd.as_fd()) == Some(true))
+    }
+
     /// Every SO_REUSEPORT group herder steers: one per reusable listener, with `--reuseport`.
     pub fn groups(&self) -> Vec<Group<'_>> {
         let mut slot_of = BTreeMap::new();

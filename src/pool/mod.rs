@@ -7,11 +7,13 @@
 //!
 //! Each rule lives in one place: this file holds the pool, starting workers and the clock;
 //! [`exits`] what a worker's end (or `STOPPING=1`, or a missed watchdog) means for its slot;
-//! [`reload`] the rolling reload; [`recycle`] replacing a worker that is too big or too old;
+//! [`reload`] the rolling reload; [`leave`] a removed slot's worker that still accepts its
+//! queue; [`recycle`] replacing a worker that is too big or too old;
 //! [`stop`] stopping and scaling; [`snapshot`] the pool as it
 //! crosses an in-place upgrade; [`types`] the vocabulary.
 
 mod exits;
+mod leave;
 mod recycle;
 mod reload;
 mod snapshot;
@@ -27,6 +29,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use tracing::{debug, info, warn};
 
+pub use leave::{LEAVE_MAX, LEAVE_POLL};
 pub use snapshot::PoolSnapshot;
 pub use types::*;
 
@@ -136,6 +139,7 @@ impl Pool {
             Event::Tick => self.tick(now),
             Event::Resumed => self.resumed(now),
             Event::Measured(batch) => self.measured(batch, now),
+            Event::QueueEmpty { id } => self.queue_empty(id, now),
         }
         self.advance_recycle(now);
         self.flush(now)
@@ -167,6 +171,7 @@ impl Pool {
             State::Spawning => None,
             State::Starting { deadline } => Some(watchdog.map_or(deadline, |d| d.min(deadline))),
             State::Ready => watchdog,
+            State::Leaving { until } => Some(until),
             State::Stopping { kill_at, .. } => kill_at,
         }
     }
@@ -483,6 +488,7 @@ impl Pool {
                 );
                 self.watchdog_failed(id, now);
             }
+            State::Leaving { until } if now >= until => self.leave_timed_out(id, now),
             State::Stopping {
                 why,
                 kill_at: Some(t),

@@ -95,7 +95,8 @@ pub struct WorkerSnapshot {
     pub pid: i32,
     /// `starting`, `ready` or `stopping`.
     pub state: String,
-    /// Starting: the ready deadline; stopping: when SIGKILL is due (`None`: already killed).
+    /// Starting: the ready deadline; leaving: when it drains even if its queue is not empty;
+    /// stopping: when SIGKILL is due (`None`: already killed).
     pub deadline: Option<i64>,
     /// Stopping: why (as [`why_name`] spells it).
     pub why: Option<String>,
@@ -182,6 +183,7 @@ impl Pool {
                         ("starting", d, None)
                     }
                     State::Ready => ("ready", None, None),
+                    State::Leaving { until } => ("leaving", Some(e(until)), None),
                     State::Stopping { why, kill_at } => {
                         ("stopping", kill_at.map(e), Some(why_name(why).to_string()))
                     }
@@ -282,6 +284,10 @@ impl Pool {
             }
             let state = match w.state.as_str() {
                 "ready" => State::Ready,
+                // (An older image takes "leaving" for starting: its --ready-timeout ends it.)
+                "leaving" => State::Leaving {
+                    until: w.deadline.map_or(now, d),
+                },
                 "stopping" => State::Stopping {
                     why: why_from(w.why.as_deref().unwrap_or("drain")),
                     kill_at: w.deadline.map(d),

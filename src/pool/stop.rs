@@ -147,7 +147,11 @@ impl Pool {
             let slot = self.slots.len() - 1;
             let Some(s) = self.slots.pop() else { break };
             info!(slot, "scaling down: stopping worker {slot}");
-            for id in [s.current, s.next].into_iter().flatten() {
+            // Its worker is steered away first, and drains once its queue is served.
+            if let Some(id) = s.current {
+                self.remove_worker(id, now);
+            }
+            if let Some(id) = s.next {
                 self.stop_worker(id, StopWhy::Drain, now);
             }
             self.out.push(Action::ReleaseSlot { slot });

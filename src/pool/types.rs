@@ -38,6 +38,10 @@ pub struct PoolConfig {
     pub max_memory: Option<u64>,
     /// `--max-lifetime`: a worker is recycled before it is this old (staggered over slots).
     pub max_lifetime: Option<Duration>,
+    /// `--reuseport`: how long a removed slot's worker may go on accepting what is queued on
+    /// its slot's own socket before it drains (`None`: drain at once — without `--reuseport`
+    /// the socket is shared and nothing is queued for that worker alone).
+    pub leave_timeout: Option<Duration>,
 }
 
 /// How a worker process ended, as `waitpid(2)` reported it.
@@ -153,6 +157,12 @@ pub enum Event {
     /// The answer to [`Action::Measure`]: each worker's memory (PSS of its process tree, in
     /// bytes); a worker that could not be measured (it is gone) is left out.
     Measured(Vec<(WorkerId, u64)>),
+    /// Nothing waits any more on the sockets of the removed slot that worker `id` serves:
+    /// no connection in their accept queues, no datagram in their receive queues. The
+    /// supervisor looks while [`super::Pool::leaving`] names a worker.
+    QueueEmpty {
+        id: WorkerId,
+    },
 }
 
 /// sd_notify(3) messages for herder's own service manager.
@@ -226,6 +236,12 @@ pub enum State {
         deadline: Instant,
     },
     Ready,
+    /// Its slot was removed by a scale-down (`--reuseport`): new connections are steered
+    /// away, and it still accepts what the kernel had queued on the slot's socket, until
+    /// that queue is empty ([`Event::QueueEmpty`]) or `until`; then it drains.
+    Leaving {
+        until: Instant,
+    },
     /// Told to stop; SIGKILL at `kill_at` (`None`: already killed).
     Stopping {
         why: StopWhy,
@@ -389,7 +405,7 @@ pub const EXIT_REASONS: &[&str] = &[
 pub fn exit_reason(state: State) -> &'static str {
     match state {
         State::Spawning => "spawn_failed",
-        State::Starting { .. } | State::Ready => "crash",
+        State::Starting { .. } | State::Ready | State::Leaving { .. } => "crash",
         State::Stopping { why, .. } => match why {
             StopWhy::Drain => "drained",
             StopWhy::Retiring => "retired",

@@ -29,6 +29,7 @@ use crate::health::{self, Answer, Query, Route};
 use crate::listen::SocketSet;
 use crate::manager::Manager;
 use crate::notify::{self, Incoming, NotifySockets};
+use crate::pool::LEAVE_POLL;
 use crate::pool::{Action, Blame, Event, Phase, Pool, Reaped, ReloadOutcome, Request, WorkerId};
 use crate::signals::{Meaning, Signals};
 use crate::spawn::{self, Plan, WorkerEnv};
@@ -69,6 +70,9 @@ pub struct Supervisor {
     pub meter: Meter,
     /// `--reuseport`: the steering programs on the groups (src/steer/).
     pub steer: Option<Steering>,
+    /// When the removed slots' queues of leaving workers are looked at next (`None`: no
+    /// worker is leaving, nothing is polled).
+    leave_poll: Option<Instant>,
 }
 
 impl Supervisor {
@@ -93,6 +97,7 @@ impl Supervisor {
             fd_store: FdStore::default(),
             meter: Meter::default(),
             steer: None,
+            leave_poll: None,
             health: None,
             queries_tx,
             queries,
@@ -176,7 +181,9 @@ impl Supervisor {
                 self.answer_waiters();
             }
             let steer_at = self.steer.as_ref().and_then(|s| s.next);
-            let deadline = self.pool.next_deadline().into_iter().chain(steer_at).min();
+            self.arm_leave_poll();
+            let deadline = self.pool.next_deadline().into_iter().chain(steer_at);
+            let deadline = deadline.chain(self.leave_poll).min();
             let sleep = async {
                 match deadline {
                     Some(d) => tokio::time::sleep_until(d.into()).await,
@@ -202,7 +209,10 @@ impl Supervisor {
                         events.push_back(ev);
                     }
                 }
-                () = sleep => events.push_back(Event::Tick),
+                () = sleep => {
+                    events.push_back(Event::Tick);
+                    events.extend(self.look_at_leaving());
+                }
             }
         }
     }
@@ -328,6 +338,30 @@ impl Supervisor {
             steer.next = next;
             steer.update(&ready, &self.sockets);
         }
+    }
+
+    /// While a worker is leaving (src/pool/leave.rs), its removed slot's queues are looked at
+    /// every [`LEAVE_POLL`] — the first time one interval after it began, so that a handshake
+    /// the kernel had already hashed there has landed in the queue.
+    fn arm_leave_poll(&mut self) {
+        if self.pool.leaving().is_empty() {
+            self.leave_poll = None;
+        } else if self.leave_poll.is_none() {
+            self.leave_poll = Some(Instant::now() + LEAVE_POLL);
+        }
+    }
+
+    /// When the poll is due: each leaving worker whose queues are empty, as an event.
+    fn look_at_leaving(&mut self) -> Vec<Event> {
+        if self.leave_poll.is_none_or(|t| Instant::now() < t) {
+            return Vec::new();
+        }
+        self.leave_poll = None;
+        let leaving = self.pool.leaving().into_iter();
+        leaving
+            .filter(|&id| !self.sockets.retired_waiting(id))
+            .map(|id| Event::QueueEmpty { id })
+            .collect()
     }
 
     /// `/status` and `herder status --json`: the pool's document and the steering.

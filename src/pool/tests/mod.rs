@@ -1,7 +1,8 @@
 //! Unit tests of the pure core: events in, actions out, a fake clock, no processes. The
 //! harness is here; the tables of cases are grouped like the core: [`lifecycle`], [`restart`],
-//! [`reload`], [`recycle`], [`stop`].
+//! [`reload`], [`recycle`], [`stop`], [`leave`].
 
+mod leave;
 mod lifecycle;
 mod recycle;
 mod reload;
@@ -31,6 +32,7 @@ fn cfg(workers: usize) -> PoolConfig {
         manager_watchdog: None,
         max_memory: None,
         max_lifetime: None,
+        leave_timeout: None,
     }
 }
 
