@@ -3,11 +3,18 @@
 and crash sections) and tallies which worker answered (fairness).
 
     loadclient.py --port P [--conns C] [--duration S] [--keepalive] [--timeout S] [--rate R]
+                  [--sources N]
 
 With --rate R the load is paced: R requests per second in all, each connection sending one every
 C/R seconds on its own schedule (staggered); a request that is late starts at once and the slots
 it missed are skipped, not made up in a burst. Without it every connection sends the next
 request as soon as the last one is done.
+
+With --sources N every connection is bound, before connect(), to a source address of its own
+turn: the k-th connection opened comes from 127.0.0.(1 + k % N) (IP_BIND_ADDRESS_NO_PORT, so
+the port is picked at connect() for the whole 4-tuple and N addresses do not share one bind()
+port range). The summary then has "by_source": for each source address, how many answers came
+from each worker (the first word of the body: the pid in herder-demo's and node-app.js's).
 
 Prints "started" once SIGTERM/SIGINT are handled; runs until --duration has passed or one of
 them arrives, lets in-flight requests finish (each bounded by --timeout), then prints one JSON
@@ -29,6 +36,7 @@ import argparse
 import asyncio
 import json
 import signal
+import socket
 import time
 from collections import Counter
 
@@ -36,8 +44,26 @@ REQ_CLOSE = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
 REQ_KA = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 
 
+# linux/in.h; socket.IP_BIND_ADDRESS_NO_PORT exists only from Python 3.12.
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+
+
 class Closed(Exception):
     pass
+
+
+async def connect_from(port, source):
+    """A connection to 127.0.0.1:port from the address `source` (any port)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+        sock.bind((source, 0))
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    except BaseException:
+        sock.close()
+        raise
+    return await asyncio.open_connection(sock=sock)
 
 
 async def read_response(reader, keepalive):
@@ -82,6 +108,8 @@ async def main(args):
     fails = Counter()
     examples = []
     bodies = Counter()
+    by_source = {}
+    opened = 0
     fail_times = []
     lat = []
     t0 = time.monotonic()
@@ -97,8 +125,8 @@ async def main(args):
     gap = args.conns / args.rate if args.rate > 0 else 0.0
 
     async def one_conn(i):
-        nonlocal ok
-        reader = writer = None
+        nonlocal ok, opened
+        reader = writer = source = None
         slot = t0 + gap * i / args.conns
         while not stop.is_set() and time.monotonic() < deadline:
             if gap:
@@ -112,7 +140,12 @@ async def main(args):
                 slot = max(slot + gap, time.monotonic())
             t_req = time.monotonic()
             try:
-                if writer is None:
+                if writer is None and args.sources:
+                    source = f"127.0.0.{1 + opened % args.sources}"
+                    opened += 1
+                    reader, writer = await asyncio.wait_for(
+                        connect_from(args.port, source), args.timeout)
+                elif writer is None:
                     reader, writer = await asyncio.wait_for(
                         asyncio.open_connection("127.0.0.1", args.port), args.timeout)
                 writer.write(REQ_KA if args.keepalive else REQ_CLOSE)
@@ -121,7 +154,12 @@ async def main(args):
                 if 200 <= status < 300:
                     ok += 1
                     lat.append(time.monotonic() - t_req)
-                    bodies[body.decode(errors="replace").strip()] += 1
+                    text = body.decode(errors="replace").strip()
+                    bodies[text] += 1
+                    if source:
+                        worker = text.split()[0] if text else "?"
+                        tally = by_source.setdefault(source, Counter())
+                        tally[worker] += 1
                 else:
                     fail("non2xx", None)
                 if not args.keepalive:
@@ -153,7 +191,8 @@ async def main(args):
         "ok": ok, "failed": sum(fails.values()), "fails": dict(fails),
         "elapsed": round(elapsed, 3), "p50_ms": q(0.5), "p99_ms": q(0.99),
         "max_ms": round(lat[-1] * 1000, 2) if lat else None, "rps": round(ok / elapsed, 1) if elapsed else 0,
-        "bodies": dict(bodies), "fail_times": fail_times, "examples": examples,
+        "bodies": dict(bodies), "by_source": {a: dict(c) for a, c in by_source.items()},
+        "fail_times": fail_times, "examples": examples,
     }))
 
 
@@ -166,4 +205,9 @@ if __name__ == "__main__":
     p.add_argument("--keepalive", action="store_true")
     p.add_argument("--rate", type=float, default=0.0,
                    help="requests per second in all (default: as fast as the server answers)")
-    asyncio.run(main(p.parse_args()))
+    p.add_argument("--sources", type=int, default=0,
+                   help="bind each connection to 127.0.0.(1 + k %% N), k counting connections")
+    a = p.parse_args()
+    if not 0 <= a.sources <= 254:
+        p.error("--sources takes 0..254 (127.0.0.1 .. 127.0.0.254)")
+    asyncio.run(main(a))

@@ -1,6 +1,7 @@
 //! Smoke test of the benchmark suite: `bench/run --quick --smoke` must run every section end to
 //! end (< 90 s) against the binaries cargo just built, writing into a temp dir, never over the
 //! committed bench/RESULTS.md. The numbers are not checked: the machine is shared and noisy.
+//! Section 10 runs without its Node peers in smoke mode (herder-demo only, ~4 s).
 //!
 //! Prerequisites (wrk, node, python3, rustc; bench/install-deps.sh) missing: prints
 //! `skipping: <why>` and passes, unless CI=true, where a missing prerequisite is a failure.
@@ -85,7 +86,7 @@ fn bench_run_quick_smoke_runs_end_to_end() {
         "bench/run --quick --smoke failed: {status}\n{log_text}"
     );
     assert!(
-        stdout.contains("sections run: 8/8"),
+        stdout.contains("sections run: 9/9"),
         "not every section ran: {stdout}"
     );
     let results = std::fs::read_to_string(out.join("RESULTS.md")).expect("RESULTS.md written");
@@ -98,6 +99,7 @@ fn bench_run_quick_smoke_runs_end_to_end() {
         "## 6. Scale and reaction",
         "## 7. Fairness",
         "## 9. Recycling",
+        "## 10. Sticky sessions",
     ] {
         assert!(results.contains(heading), "RESULTS.md lacks {heading:?}");
     }

@@ -5,6 +5,8 @@
 // every page is really there (not the shared zero page), in a global array never freed.
 // Drains on SIGTERM and SIGINT (pm2's default kill signal): stop accepting, finish in-flight
 // requests, close idle keep-alive connections, exit.
+// NODE_APP_EMBEDDED=1 (bench/apps/node-sticky.js): do not listen; module.exports is the server,
+// for a sticky-session master that hands it accepted connections.
 'use strict';
 const http = require('http');
 const cluster = require('cluster');
@@ -23,7 +25,10 @@ server.keepAliveTimeout = 30000;
 
 // sd_listen_fds(3): the fds are ours only if LISTEN_PID names this process.
 const inherited = process.env.LISTEN_FDS && Number(process.env.LISTEN_PID) === process.pid;
-if (inherited) {
+module.exports = server;
+if (process.env.NODE_APP_EMBEDDED === '1') {
+  // listens nowhere: the caller feeds it connections
+} else if (inherited) {
   server.listen({ fd: 3 });
 } else {
   server.listen(Number(process.env.PORT || 8080), process.env.HOST || '127.0.0.1');

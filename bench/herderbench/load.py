@@ -61,12 +61,15 @@ def wrk(port, duration, conns, keepalive, threads=2):
 
 
 class Client:
-    """bench/loadclient.py in the background (paced at `rate` requests/s in all when > 0);
-    stop() ends it (SIGTERM by pid) and returns its JSON summary."""
+    """bench/loadclient.py in the background (paced at `rate` requests/s in all when > 0; from
+    127.0.0.1 .. 127.0.0.`sources` in turn when > 0); stop() ends it (SIGTERM by pid) and
+    returns its JSON summary."""
 
-    def __init__(self, port, conns=16, keepalive=False, duration=600.0, timeout=5.0, rate=0.0):
+    def __init__(self, port, conns=16, keepalive=False, duration=600.0, timeout=5.0, rate=0.0,
+                 sources=0):
         argv = [sys.executable, LOADCLIENT, "--port", str(port), "--conns", str(conns),
-                "--duration", str(duration), "--timeout", str(timeout), "--rate", str(rate)]
+                "--duration", str(duration), "--timeout", str(timeout), "--rate", str(rate),
+                "--sources", str(sources)]
         if keepalive:
             argv.append("--keepalive")
         self.duration = duration

@@ -2,50 +2,10 @@
 import os
 from html import escape
 
-TARGETS = "issues 7 and 12"
+from .fmt import missing_lines, mib, ms, num, pct, ratio, secs, table
+from .sticky import STICKY_INTRO, sticky_headline, sticky_section
 
-
-def num(x, nd=0):
-    if x is None:
-        return "–"
-    return f"{x:,.{nd}f}"
-
-
-def ms(x):
-    return "–" if x is None else f"{x:.2f} ms"
-
-
-def ratio(x):
-    return "–" if x is None else f"{x:.2f}×"
-
-
-def mib(kib):
-    return "–" if kib is None else f"{kib / 1024:.1f} MiB"
-
-
-def pct(x):
-    return "–" if x is None else f"{x * 100:.0f}%"
-
-
-def secs(x):
-    if x is None:
-        return "–"
-    if x < 0.01:
-        return f"{x * 1000:.1f} ms"
-    return f"{x * 1000:.0f} ms" if x < 1 else f"{x:.2f} s"
-
-
-def table(head, rows):
-    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(out) + "\n"
-
-
-def missing_lines(sec):
-    m = sec.get("missing") or {}
-    if not m:
-        return ""
-    return "\n".join(f"- **missing: {v['label']}** — {v['reason']}" for v in m.values()) + "\n"
+TARGETS = "issues 7, 12 and 13"
 
 
 def _rq(sec, a, b, mode):
@@ -113,6 +73,7 @@ def headline(r):
         rows.append(["herder --reuseport: busiest of 2 workers, any round", "≤ 60%", pct(x),
                      "yes" if x <= 0.6 else "no"])
     rows += recycle_headline(s.get("recycle", {}))
+    rows += sticky_headline(s.get("sticky", {}))
     return table(["claim", "target", "measured", "met"], rows)
 
 
@@ -426,6 +387,9 @@ def markdown(r):
     if "recycle" in s:
         o += ["\n## 9. Recycling: herder --max-memory vs pm2 max_memory_restart\n\n",
               recycle_section(s["recycle"])]
+    if "sticky" in s:
+        o += ["\n## 10. Sticky sessions: herder --balance client-ip vs the Node sticky masters\n\n",
+              STICKY_INTRO, sticky_section(s["sticky"])]
     o.append("\nRaw numbers: `results.json` next to this file when kept (bench/out/ for "
              "--quick runs). How to rerun and caveats: bench/README.md.\n")
     return "".join(o)

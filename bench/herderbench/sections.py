@@ -1,4 +1,5 @@
-"""The sections of the suite (issue 7; section 9, recycling, lives in recycle.py). Each returns
+"""The sections of the suite (issue 7; section 9, recycling, lives in recycle.py, section 10,
+sticky sessions, in sticky.py). Each returns
 a plain dict for report.py; a system that cannot be started, or lacks a feature, is recorded
 under "missing" with the reason."""
 import os
@@ -12,6 +13,7 @@ from .measure import idle, median
 from .procs import (CLK_TCK, DgramListener, Unavailable, held_connections, kill, now, rss_kib,
                     starttime, wait_until)
 from .recycle import s9_recycle
+from .sticky import s10_sticky
 from .systems import (BareFd, BareReuseport, Gunicorn, Herder, NodeCluster, Pm2, Tini)
 
 MODES = ("keepalive", "close")
@@ -413,4 +415,5 @@ SECTIONS = [
     ("7", "fairness", s7_fairness),
     # 8 is the chaos soak, a run of its own (bench/run --soak), carried into RESULTS.md.
     ("9", "recycle", s9_recycle),
+    ("10", "sticky", s10_sticky),
 ]
