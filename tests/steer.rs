@@ -404,3 +404,55 @@ fn udp_with_client_ip_keeps_each_client_on_one_slot_and_spreads_them_evenly() {
         "no slot above 1.5× its share of 25: {per_slot:?}"
     );
 }
+
+/// Puts a listening SO_REUSEPORT socket at fd 3 with LISTEN_FDS=1 for the program it execs
+/// (what a `.socket` unit with `ReusePort=yes` hands herder).
+const REUSEPORT_LAUNCHER: &str = r#"
+import os, socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+s.bind(("127.0.0.1", 0)); s.listen()
+os.dup2(s.fileno(), 3); os.set_inheritable(3, True)
+os.environ["LISTEN_PID"] = str(os.getpid())
+os.environ["LISTEN_FDS"] = "1"
+os.environ["LISTEN_FDNAMES"] = "http"
+os.execvp(sys.argv[1], sys.argv[1:])
+"#;
+
+#[test]
+fn an_inherited_reuseport_socket_is_steered_too() {
+    // The .socket unit with ReusePort=yes: the inherited socket is the group's first, herder's
+    // siblings join after it. Without a program the kernel would hash each connection by its
+    // whole 4-tuple, so a client (a new source port each time) would not stay on one slot.
+    let mut cmd = std::process::Command::new("python3");
+    cmd.args(["-c", REUSEPORT_LAUNCHER, herder_bin()])
+        .args([
+            "-w",
+            "4",
+            "--reuseport",
+            "--balance",
+            "client-ip",
+            "--ready",
+            "notify",
+            "--",
+        ])
+        .arg(demo_bin())
+        .env_remove("NOTIFY_SOCKET");
+    steer_log(&mut cmd);
+    let mut h = Herder::spawn(cmd);
+    let addr = h.addr();
+    h.wait_line(&[&receiving(&[0, 1, 2, 3], 4)], LONG);
+    let mut used = std::collections::BTreeSet::new();
+    for x in 1..=40u8 {
+        let slots: Vec<Option<usize>> = (0..10).map(|_| ask(client(x), addr, LONG)).collect();
+        assert!(
+            slots.iter().all(|s| *s == slots[0] && s.is_some()),
+            "127.0.0.{x} on one slot: {slots:?}"
+        );
+        used.insert(slots[0]);
+    }
+    assert!(
+        used.len() >= 3,
+        "40 clients spread over the slots: {used:?}"
+    );
+}
