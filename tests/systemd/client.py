@@ -5,8 +5,10 @@ Only what python3-minimal ships (no json, no http.client: raw sockets and key=va
   get PATH                  one request; prints the body; exit 1 unless 200
   spread N                  up to 200 requests until N distinct worker pids answered; prints them
   load DIR                  4 threads of requests until DIR/stop exists (at most 120 s); writes
-                            DIR/load.out (lines ok=N, failed=N, refused=N, pids=P,P, error=...); DIR/load.started
-                            after the first OK (refused: connect() said ECONNREFUSED, counted in failed too)
+                            DIR/load.out (lines ok=N, failed=N, refused=N, reset=N, pids=P,P, error=...);
+                            DIR/load.started after the first OK (refused: connect() said
+                            ECONNREFUSED; reset: reset or closed with no answer; both counted
+                            in failed too)
   slow MS DIR               GET /sleep?ms=MS; touches DIR/sent once the request is written, then
                             writes status and body to DIR/slow.out
   accepted PORT             exit 0 when the accept queue of the listening socket on PORT is empty,
@@ -64,7 +66,7 @@ def cmd_spread(n):
 
 def cmd_load(d):
     stop, lock = os.path.join(d, "stop"), threading.Lock()
-    res = {"ok": 0, "failed": 0, "refused": 0, "errors": [], "pids": []}
+    res = {"ok": 0, "failed": 0, "refused": 0, "reset": 0, "errors": [], "pids": []}
     pids, deadline = set(), time.monotonic() + 120
 
     def worker():
@@ -78,6 +80,8 @@ def cmd_load(d):
                 if err:
                     res["failed"] += 1
                     res["refused"] += err.startswith("ConnectionRefusedError")
+                    # reset or closed without an answer: the server side died holding it
+                    res["reset"] += err.startswith(("ConnectionResetError", "status 0 "))
                     res["errors"].append(err)
                 else:
                     res["ok"] += 1
@@ -92,7 +96,8 @@ def cmd_load(d):
         t.join()
     out = os.path.join(d, "load.out")
     with open(out + ".tmp", "w") as f:
-        f.write("ok=%d\nfailed=%d\nrefused=%d\npids=%s\n" % (res["ok"], res["failed"], res["refused"], ",".join(map(str, sorted(pids)))))
+        f.write("ok=%d\nfailed=%d\nrefused=%d\nreset=%d\npids=%s\n" % (
+            res["ok"], res["failed"], res["refused"], res["reset"], ",".join(map(str, sorted(pids)))))
         for e in res["errors"][:10]:
             f.write("error=%s\n" % e)
     os.rename(out + ".tmp", out)  # appears complete or not at all
