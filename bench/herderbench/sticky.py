@@ -30,6 +30,7 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import time
 
 from . import load
@@ -330,7 +331,10 @@ def _crashloop(ctx):
     rr = [a["p99_ms"] / b["p99_ms"] for a, b in clean if a["p99_ms"] and b["p99_ms"]]
     q = sorted(rr)
     ct = conntrack()
-    return {"workers": 4, "slot": LOOP_SLOT, "rounds": c["crash_rounds"],
+    git = subprocess.run(["git", "-C", ctx.apps, "describe", "--always", "--dirty"],
+                         capture_output=True, text=True, timeout=30).stdout.strip()
+    return {"run": {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "git": git or "?"},
+            "workers": 4, "slot": LOOP_SLOT, "rounds": c["crash_rounds"],
             "dur": c["crash_dur"], "conns": c["crash_conns"], "sources": c["crash_sources"],
             "rate": c["crash_rate"], "conntrack_max": ct[1] if ct else None,
             "table": table, "loadavg": loads, "clean_rounds": len(rr),
@@ -523,7 +527,10 @@ def crashloop_section(cl):
            "3 s, seconds of latency that are not herder's. So before each run the suite waits "
            "until the run fits in the table, counts the packets conntrack dropped during it, "
            "and leaves a round with drops out of the ratio. ").format(**cl)
-    out += PRE_STEERING.format(**cl) + "\n\nLoad average (1 min) after each round: " + \
+    run = cl.get("run")
+    out += PRE_STEERING.format(**cl) + (
+        f" Measured {run['date']} at {run['git']}." if run else "") + \
+        "\n\nLoad average (1 min) after each round: " + \
         ", ".join(f"{x:.1f}" for x in cl["loadavg"]) + ".\n\n"
     rows = []
     for v in cl["table"].values():
