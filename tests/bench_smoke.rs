@@ -1,7 +1,8 @@
 //! Smoke test of the benchmark suite: `bench/run --quick --smoke` must run every section end to
 //! end (< 90 s) against the binaries cargo just built, writing into a temp dir, never over the
 //! committed bench/RESULTS.md. The numbers are not checked: the machine is shared and noisy.
-//! Section 10 runs without its Node peers in smoke mode (herder-demo only, ~4 s).
+//! Section 10 runs without its Node peers in smoke mode (herder-demo only, ~4 s, plus ~2 s for
+//! its crash-looping-slot part: two 4-worker herders, 0.5 s of load each).
 //!
 //! Prerequisites (wrk, node, python3, rustc; bench/install-deps.sh) missing: prints
 //! `skipping: <why>` and passes, unless CI=true, where a missing prerequisite is a failure.

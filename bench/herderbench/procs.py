@@ -129,6 +129,28 @@ def held_connections(pid, port):
     return n
 
 
+def conntrack():
+    """(entries, max, packets dropped so far) of netfilter's connection table, or None when
+    conntrack is not loaded. Every loopback connection takes an entry that outlives it (120 s in
+    TIME_WAIT by default): a few thousand new connections per second fill the table in a minute
+    or two, and the kernel then drops new SYNs (the client retransmits after 1 s, 3 s: latency
+    that is not the server's). The drop counter is in /proc/net/stat/nf_conntrack, one line of
+    hex per CPU."""
+    try:
+        with open("/proc/sys/net/netfilter/nf_conntrack_count") as f:
+            count = int(f.read())
+        with open("/proc/sys/net/netfilter/nf_conntrack_max") as f:
+            top = int(f.read())
+        drops = 0
+        with open("/proc/net/stat/nf_conntrack") as f:
+            col = f.readline().split().index("drop")
+            for line in f:
+                drops += int(line.split()[col], 16)
+        return count, top, drops
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def kill(pid, sig):
     try:
         os.kill(pid, sig)
