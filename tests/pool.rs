@@ -4,7 +4,7 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -200,40 +200,6 @@ fn listen_pid_is_the_worker_own_pid_under_systemd_socket_activate() {
             fd_links(pid).iter().map(|f| f.0).collect::<Vec<_>>() == [0, 1, 2, 3]
         });
     }
-}
-
-/// Runs `threads` clients making one new connection per request until `stop`; counts
-/// successes and refused connections.
-fn load(
-    addr: std::net::SocketAddr,
-    stop: Arc<AtomicBool>,
-    threads: usize,
-) -> (
-    Arc<AtomicUsize>,
-    Arc<AtomicUsize>,
-    Vec<std::thread::JoinHandle<()>>,
-) {
-    let ok = Arc::new(AtomicUsize::new(0));
-    let refused = Arc::new(AtomicUsize::new(0));
-    let handles = (0..threads)
-        .map(|_| {
-            let (ok, refused, stop) = (ok.clone(), refused.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let mut n = 0;
-                while !stop.load(Ordering::SeqCst) && n < 100_000 {
-                    n += 1;
-                    match get(addr, "/") {
-                        Ok(_) => ok.fetch_add(1, Ordering::SeqCst),
-                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                            refused.fetch_add(1, Ordering::SeqCst)
-                        }
-                        Err(_) => 0,
-                    };
-                }
-            })
-        })
-        .collect();
-    (ok, refused, handles)
 }
 
 #[test]

@@ -11,7 +11,9 @@ use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The binaries under test: this build's, or another build's from `HERDER_TEST_BIN` /
@@ -413,4 +415,38 @@ pub fn children_of(pid: i32) -> Vec<i32> {
 pub fn root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
+}
+
+/// Runs `threads` clients making one new connection per request until `stop` (at most 100000
+/// each); counts successes and refused connections.
+pub fn load(
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    threads: usize,
+) -> (
+    Arc<AtomicUsize>,
+    Arc<AtomicUsize>,
+    Vec<std::thread::JoinHandle<()>>,
+) {
+    let ok = Arc::new(AtomicUsize::new(0));
+    let refused = Arc::new(AtomicUsize::new(0));
+    let handles = (0..threads)
+        .map(|_| {
+            let (ok, refused, stop) = (ok.clone(), refused.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut n = 0;
+                while !stop.load(Ordering::SeqCst) && n < 100_000 {
+                    n += 1;
+                    match get(addr, "/") {
+                        Ok(_) => ok.fetch_add(1, Ordering::SeqCst),
+                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                            refused.fetch_add(1, Ordering::SeqCst)
+                        }
+                        Err(_) => 0,
+                    };
+                }
+            })
+        })
+        .collect();
+    (ok, refused, handles)
 }

@@ -12,7 +12,7 @@ mod stale;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -108,40 +108,6 @@ fn nothing_is_pushed_without_fdstore_unless_fd_store_is_given() {
             format!("herder/slot1-tcp-127.0.0.1%3A{}", addr.port()),
         ]
     );
-}
-
-/// `threads` clients, each making a new connection per request until `stop` (at most 100000
-/// each): how many succeeded, how many were refused.
-fn load(
-    addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    threads: usize,
-) -> (
-    Arc<AtomicUsize>,
-    Arc<AtomicUsize>,
-    Vec<std::thread::JoinHandle<()>>,
-) {
-    let ok = Arc::new(AtomicUsize::new(0));
-    let refused = Arc::new(AtomicUsize::new(0));
-    let handles = (0..threads)
-        .map(|_| {
-            let (ok, refused, stop) = (ok.clone(), refused.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let mut n = 0;
-                while !stop.load(Ordering::SeqCst) && n < 100_000 {
-                    n += 1;
-                    match get(addr, "/") {
-                        Ok(_) => ok.fetch_add(1, Ordering::SeqCst),
-                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                            refused.fetch_add(1, Ordering::SeqCst)
-                        }
-                        Err(_) => 0,
-                    };
-                }
-            })
-        })
-        .collect();
-    (ok, refused, handles)
 }
 
 #[test]
