@@ -304,6 +304,7 @@ fn an_upgrade_keeps_the_kernel_order_with_a_retired_sibling_still_in_the_group()
     assert!(!homed.is_empty(), "some clients live on slot 2");
     // A 20 s request on slot 2's worker: it keeps that worker, and its sibling, alive.
     let slow_from = homed[0];
+    let (sent_tx, sent) = std::sync::mpsc::channel();
     let slow = std::thread::spawn(move || {
         let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
         s.bind(&SocketAddr::V4(SocketAddrV4::new(client(slow_from), 0)).into())
@@ -315,11 +316,14 @@ fn an_upgrade_keeps_the_kernel_order_with_a_retired_sibling_still_in_the_group()
             "GET /sleep?ms=20000 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
         )
         .unwrap();
+        let _ = sent_tx.send(());
         let mut resp = String::new();
         let _ = s.read_to_string(&mut resp);
         resp
     });
-    std::thread::sleep(Duration::from_millis(300)); // a measurement pause: the request is in
+    // Connected and sent: it is on slot 2's socket, and a slot that leaves serves its queue
+    // before it drains, so its worker takes the request even if it has not accepted it yet.
+    sent.recv_timeout(LONG).expect("the slow request is sent");
     assert!(ctl(&exe, &control, &["scale", "2"]).0);
     h.wait_line(&[&receiving(&[0, 1], 2)], LONG);
     assert!(ctl(&exe, &control, &["scale", "3"]).0);
