@@ -1,0 +1,138 @@
+#!/usr/bin/python3
+"""The agent of tests/agent.rs: a line server on the socket herder hands it at fd 3.
+
+It checks what herder gives an agent (HERDER_AGENT=1, LISTEN_FDS=1 with LISTEN_PID its own pid,
+LISTEN_FDNAMES=agent when set), answers every connection's line with
+"agent <pid> <counter> state=<ready|starting>" and closes it, and says READY=1 on NOTIFY_SOCKET.
+It accepts from the start: a connection made before its READY=1 is answered "state=starting",
+so a worker started too early says so instead of only being slow.
+
+Knobs (environment):
+  AGENT_READY_DELAY_MS  wait this long before READY=1 (default 0)
+  AGENT_FAIL=1          exit 1 at once, serving nothing
+  AGENT_SLOW_START_FILE when this file exists at start, wait 1 s before accepting anything
+                        (connections queue in the kernel meanwhile), then go on as usual
+On SIGTERM it stops accepting and exits 0; SIGUSR1/SIGUSR2 are logged.
+Every line it prints starts with "fixture-agent[PID]" so it never looks like one of herder's.
+"""
+
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+
+PID = os.getpid()
+
+
+def log(msg):
+    sys.stderr.write(f"fixture-agent[{PID}] {msg}\n")
+    sys.stderr.flush()
+
+
+def mono_ns():
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+
+
+def notify(msg):
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return False
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    try:
+        s.sendto(msg.encode(), addr)
+    finally:
+        s.close()
+    return True
+
+
+def main():
+    log(f"started mono_ns={mono_ns()}")
+    if os.environ.get("AGENT_FAIL") == "1":
+        log("failing on purpose: exit 1")
+        sys.exit(1)
+    problems = []
+    if os.environ.get("HERDER_AGENT") != "1":
+        problems.append(f"HERDER_AGENT={os.environ.get('HERDER_AGENT')!r}")
+    if os.environ.get("LISTEN_FDS") != "1":
+        problems.append(f"LISTEN_FDS={os.environ.get('LISTEN_FDS')!r}")
+    if os.environ.get("LISTEN_PID") != str(PID):
+        problems.append(f"LISTEN_PID={os.environ.get('LISTEN_PID')!r} (pid {PID})")
+    names = os.environ.get("LISTEN_FDNAMES")
+    if names is not None and names != "agent":
+        problems.append(f"LISTEN_FDNAMES={names!r}")
+    if "HERDER_WORKER" in os.environ:
+        problems.append(f"HERDER_WORKER={os.environ['HERDER_WORKER']!r}")
+    if problems:
+        log("bad environment: " + ", ".join(problems) + ": exit 3")
+        sys.exit(3)
+    log(f"socket {os.environ.get('HERDER_AGENT_SOCKET')}")
+
+    lsock = socket.socket(fileno=3)
+    lock = threading.Lock()
+    state = {"counter": 0, "ready": False, "stopping": False}
+
+    def serve(conn):
+        try:
+            conn.settimeout(30)
+            data = b""
+            while b"\n" not in data and len(data) < 4096:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+            with lock:
+                state["counter"] += 1
+                n = state["counter"]
+                ready = "ready" if state["ready"] else "starting"
+            conn.sendall(f"agent {PID} {n} state={ready}\n".encode())
+        except OSError as e:
+            log(f"connection error: {e}")
+        finally:
+            conn.close()
+
+    def accept_loop():
+        while True:
+            try:
+                conn, _ = lsock.accept()
+            except OSError as e:
+                if state["stopping"]:
+                    return
+                log(f"accept failed: {e}")
+                time.sleep(0.01)
+                continue
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGUSR1, lambda *_: log("got SIGUSR1"))
+    signal.signal(signal.SIGUSR2, lambda *_: log("got SIGUSR2"))
+
+    slow = os.environ.get("AGENT_SLOW_START_FILE")
+    if slow and os.path.exists(slow):
+        log("slow start: accepting nothing for 1 s")
+        time.sleep(1)
+        log(f"accepting mono_ns={mono_ns()}")
+    delay = int(os.environ.get("AGENT_READY_DELAY_MS", "0"))
+    if delay <= 0:
+        state["ready"] = True
+    threading.Thread(target=accept_loop, daemon=True).start()
+    if delay > 0:
+        time.sleep(delay / 1000)
+        with lock:
+            state["ready"] = True
+    t = mono_ns()
+    sent = notify("READY=1")
+    log(f"ready mono_ns={t} notified={sent}")
+    while not stop.wait(3600):
+        pass
+    state["stopping"] = True
+    log("got SIGTERM: exiting 0")
+    sys.stderr.flush()
+    os._exit(0)
+
+
+main()

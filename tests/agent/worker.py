@@ -1,0 +1,154 @@
+#!/usr/bin/python3
+"""The worker of tests/agent.rs: HTTP/1.1 (one request a connection) on the socket at fd 3.
+
+At start-up it logs when it started (CLOCK_MONOTONIC, comparable with the agent's), asks the
+agent at HERDER_AGENT_SOCKET once and logs the answer or the failure, then says READY=1.
+  GET /       -> "pid=<pid> slot=<slot>"
+  GET /agent  -> the agent's answer to one line (503 and the error when that fails)
+On SIGTERM it stops accepting, asks the agent once more (its last request, during its drain),
+logs the answer or the failure, and exits 0.
+Every line it prints starts with "fixture-worker[SLOT/PID]".
+
+Knobs: WORKER_AGENT_TIMEOUT_MS, how long to wait for the agent's answer (default 20000).
+"""
+
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+
+PID = os.getpid()
+SLOT = os.environ.get("HERDER_WORKER", "?")
+TIMEOUT = int(os.environ.get("WORKER_AGENT_TIMEOUT_MS", "20000")) / 1000
+
+
+def log(msg):
+    sys.stderr.write(f"fixture-worker[{SLOT}/{PID}] {msg}\n")
+    sys.stderr.flush()
+
+
+def agent_address(text):
+    """(family, address) of an address in herder's --listen syntax."""
+    if text.startswith("unix:"):
+        path = text[len("unix:"):]
+        if path.startswith("@"):
+            path = "\0" + path[1:]
+        return socket.AF_UNIX, path
+    if text.startswith("["):
+        host, _, port = text[1:].rpartition("]:")
+        return socket.AF_INET6, (host, int(port))
+    host, _, port = text.rpartition(":")
+    return socket.AF_INET, (host, int(port))
+
+
+def ask_agent(what):
+    """The agent's answer line, or raises with what went wrong."""
+    text = os.environ.get("HERDER_AGENT_SOCKET")
+    if not text:
+        raise RuntimeError("HERDER_AGENT_SOCKET is not set")
+    family, addr = agent_address(text)
+    s = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        s.settimeout(TIMEOUT)
+        s.connect(addr)
+        s.sendall(f"{what} from worker {SLOT} pid {PID}\n".encode())
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        s.close()
+    reply = data.decode(errors="replace").strip()
+    if not reply.startswith("agent "):
+        raise RuntimeError(f"unexpected answer {reply!r}")
+    return reply
+
+
+def respond(conn, code, body):
+    reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[code]
+    conn.sendall(
+        (
+            f"HTTP/1.1 {code} {reason}\r\nContent-Length: {len(body)}\r\n"
+            f"Connection: close\r\n\r\n{body}"
+        ).encode()
+    )
+
+
+def serve(conn):
+    try:
+        conn.settimeout(30)
+        data = b""
+        while b"\r\n\r\n" not in data and len(data) < 65536:
+            chunk = conn.recv(4096)
+            if not chunk:
+                return
+            data += chunk
+        path = data.split(b" ", 2)[1].decode() if data.count(b" ") >= 2 else "/"
+        if path == "/":
+            respond(conn, 200, f"pid={PID} slot={SLOT}\n")
+        elif path == "/agent":
+            try:
+                respond(conn, 200, ask_agent("request") + "\n")
+            except Exception as e:  # noqa: BLE001 - the error is the answer
+                respond(conn, 503, f"agent request failed: {e!r}\n")
+        else:
+            respond(conn, 404, "not found\n")
+    except OSError:
+        pass
+    finally:
+        conn.close()
+
+
+def main():
+    log(f"started mono_ns={time.clock_gettime_ns(time.CLOCK_MONOTONIC)}")
+    fds = os.environ.get("LISTEN_FDS", "")
+    if not fds.isdigit() or int(fds) < 1:
+        log(f"no sockets: LISTEN_FDS={os.environ.get('LISTEN_FDS')!r}: exit 3")
+        sys.exit(3)
+    if os.environ.get("LISTEN_PID") != str(PID):
+        log(f"LISTEN_PID={os.environ.get('LISTEN_PID')!r} is not {PID}: exit 3")
+        sys.exit(3)
+    log(f"agent socket {os.environ.get('HERDER_AGENT_SOCKET')}")
+    try:
+        log(f"start-up agent reply: {ask_agent('hello')}")
+    except Exception as e:  # noqa: BLE001
+        log(f"start-up agent request failed: {e!r}")
+
+    lsock = socket.socket(fileno=3)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    def accept_loop():
+        while not stop.is_set():
+            try:
+                conn, _ = lsock.accept()
+            except OSError:
+                if stop.is_set():
+                    return
+                time.sleep(0.01)
+                continue
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept_loop, daemon=True).start()
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if addr:
+        if addr.startswith("@"):
+            addr = "\0" + addr[1:]
+        n = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        n.sendto(b"READY=1", addr)
+        n.close()
+    while not stop.wait(3600):
+        pass
+    # Draining: no new connections; the agent must still answer.
+    try:
+        log(f"last agent reply: {ask_agent('last request')}")
+    except Exception as e:  # noqa: BLE001
+        log(f"last agent request failed: {e!r}")
+    os._exit(0)
+
+
+main()
