@@ -17,9 +17,11 @@ use crate::listen::ListenSpec;
 use crate::pool::{PoolConfig, ReadyMode};
 use crate::steer::Balance;
 
+mod agent;
 mod env;
 mod man;
 
+pub use agent::AgentArgs;
 pub use env::{own_vars, FromEnv, ListenArg};
 
 /// The longest duration any flag takes: 365 days. Far longer than any sensible timeout,
@@ -343,6 +345,9 @@ pub struct RunArgs {
     #[arg(long, env = "HERDER_CONTROL", value_name = "PATH")]
     pub control: Option<PathBuf>,
 
+    #[command(flatten)]
+    pub agent: AgentArgs,
+
     /// Say whether this binary can take over a running herder's state of this format (exit 0)
     /// or not (exit 1): the preflight of `herder upgrade`, run on the new binary with the
     /// running herder's own arguments.
@@ -482,12 +487,16 @@ impl RunArgs {
         {
             return Err("--max-lifetime must be at least 1s".into());
         }
+        let ready = match self.ready {
+            ReadyArg::Exec => ReadyMode::Exec,
+            ReadyArg::Notify => ReadyMode::Notify,
+        };
+        let agent = self
+            .agent
+            .config(ready, self.stop_signal, self.drain_timeout)?;
         Ok(PoolConfig {
             workers,
-            ready: match self.ready {
-                ReadyArg::Exec => ReadyMode::Exec,
-                ReadyArg::Notify => ReadyMode::Notify,
-            },
+            ready,
             ready_timeout: self.ready_timeout,
             min_ready: self.min_ready,
             stop_signal: self.stop_signal,
@@ -503,6 +512,7 @@ impl RunArgs {
             leave_timeout: self
                 .reuseport
                 .then(|| crate::pool::LEAVE_MAX.min(self.drain_timeout)),
+            agent,
         })
     }
 }
