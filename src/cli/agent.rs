@@ -19,10 +19,15 @@ pub const COMMAND_VAR: &str = "HERDER_AGENT_COMMAND";
 
 #[derive(Debug, Args)]
 pub struct AgentArgs {
-    /// Run one agent process beside the pool: "CMD [ARG]..." split like a shell would (quotes,
-    /// backslashes; no shell is run). It starts before the workers, is restarted on its own
-    /// backoff and stops after the pool has drained.
-    #[arg(long = "agent", env = COMMAND_VAR, value_name = "CMD")]
+    // (An explicit help text: rustdoc would read "[ARG]" in a doc comment as a link.)
+    #[arg(
+        long = "agent",
+        env = COMMAND_VAR,
+        value_name = "CMD",
+        help = "Run one agent process beside the pool: \"CMD [ARG]...\" split like a shell \
+                would (quotes, backslashes; no shell is run). It starts before the workers, is \
+                restarted on its own backoff and stops after the pool has drained."
+    )]
     pub agent: Option<String>,
 
     /// A socket herder binds and keeps for the agent (any --listen form but udp:): the agent
