@@ -54,8 +54,8 @@ SIGTERM, and speaks sd_notify(3) both ways (READY, RELOADING, STOPPING, STATUS, 
 PID 1 in a container it also reaps every orphan.
 
 Every option can also be set in the environment as HERDER_ and its long name in capitals \
-(HERDER_WORKERS=4, HERDER_DRAIN_TIMEOUT=10s); the command line wins. Workers do not see these \
-variables.";
+(HERDER_WORKERS=4, HERDER_DRAIN_TIMEOUT=10s; --agent: HERDER_AGENT_COMMAND); the command line \
+wins. Workers do not see these variables.";
 
 /// Exit statuses, for `--help` and the man page's EXIT STATUS.
 const EXIT_STATUS: [(&str, &str); 4] = [
