@@ -90,7 +90,7 @@ impl Pool {
 
     /// Whether the agent lets herder count as ready: no agent; a required one that is ready;
     /// one that is not required once it has settled.
-    pub(super) fn agent_ok(&self) -> bool {
+    pub fn agent_ok(&self) -> bool {
         match (&self.agent, self.agent_cfg()) {
             (Some(a), Some(c)) if c.required => a.ready(),
             (Some(a), _) => a.settled,

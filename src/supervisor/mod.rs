@@ -444,6 +444,9 @@ impl Supervisor {
         let a = match q.route {
             Route::Livez => Answer::text(200, "ok\n"),
             Route::Readyz if self.pool.is_ready() => Answer::text(200, "ready\n"),
+            Route::Readyz if self.pool.phase == Phase::Running && !self.pool.agent_ok() => {
+                Answer::text(503, "not ready: the agent is not ready\n")
+            }
             Route::Readyz => Answer::text(
                 503,
                 format!("not ready: {}\n", status::herder_state(&self.pool).word()),
