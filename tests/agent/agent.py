@@ -12,11 +12,15 @@ Knobs (environment):
   AGENT_FAIL=1          exit 1 at once, serving nothing
   AGENT_SLOW_START_FILE when this file exists at start, wait 1 s before accepting anything
                         (connections queue in the kernel meanwhile), then go on as usual
+  AGENT_PAUSE_DIR       once the file pause-<its pid> exists there, accept nothing more; when
+                        what it had accepted is answered, log "paused" (what comes later waits
+                        in the kernel's queue; the file names one agent, not its replacement)
 On SIGTERM it stops accepting and exits 0; SIGUSR1/SIGUSR2 are logged.
 Every line it prints starts with "fixture-agent[PID]" so it never looks like one of herder's.
 """
 
 import os
+import select
 import signal
 import socket
 import sys
@@ -73,7 +77,9 @@ def main():
 
     lsock = socket.socket(fileno=3)
     lock = threading.Lock()
-    state = {"counter": 0, "ready": False, "stopping": False}
+    state = {"counter": 0, "ready": False, "stopping": False, "in_flight": 0}
+    pause = os.environ.get("AGENT_PAUSE_DIR")
+    pause = pause and os.path.join(pause, f"pause-{PID}")
 
     def serve(conn):
         try:
@@ -93,9 +99,30 @@ def main():
             log(f"connection error: {e}")
         finally:
             conn.close()
+            with lock:
+                state["in_flight"] -= 1
+
+    def paused():
+        """Whether to accept nothing more; logs "paused" once nothing is in flight."""
+        if not (pause and os.path.exists(pause)):
+            return False
+        while True:
+            with lock:
+                if state["in_flight"] == 0:
+                    break
+            time.sleep(0.005)
+        log("paused: accepting nothing, nothing in flight")
+        return True
 
     def accept_loop():
         while True:
+            # poll, not a timeout on the socket: O_NONBLOCK would be set on the listening
+            # socket itself, which herder hands on to the next agent.
+            readable, _, _ = select.select([lsock], [], [], 0.05)
+            if pause and paused():
+                return
+            if not readable:
+                continue
             try:
                 conn, _ = lsock.accept()
             except OSError as e:
@@ -104,6 +131,8 @@ def main():
                 log(f"accept failed: {e}")
                 time.sleep(0.01)
                 continue
+            with lock:
+                state["in_flight"] += 1
             threading.Thread(target=serve, args=(conn,), daemon=True).start()
 
     stop = threading.Event()

@@ -5,7 +5,7 @@ At start-up it logs when it started (CLOCK_MONOTONIC, comparable with the agent'
 agent at HERDER_AGENT_SOCKET once and logs the answer or the failure, then says READY=1.
   GET /       -> "pid=<pid> slot=<slot>"
   GET /agent  -> the agent's answer to one line (503 and the error when that fails)
-On SIGTERM it stops accepting, asks the agent once more (its last request, during its drain),
+SIGUSR1/SIGUSR2 are logged. On SIGTERM it stops accepting, asks the agent once more (its last request, during its drain),
 logs the answer or the failure, and exits 0.
 Every line it prints starts with "fixture-worker[SLOT/PID]".
 
@@ -121,6 +121,9 @@ def main():
     lsock = socket.socket(fileno=3)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # herder forwards USR1 and USR2 to the workers and to the agent.
+    signal.signal(signal.SIGUSR1, lambda *_: log("got SIGUSR1"))
+    signal.signal(signal.SIGUSR2, lambda *_: log("got SIGUSR2"))
 
     def accept_loop():
         while not stop.is_set():
