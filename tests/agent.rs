@@ -354,9 +354,9 @@ fn a_tcp_agent_socket_on_port_0_is_bound_once_and_told_to_every_worker() {
     assert_eq!(h.wait_exit(LONG).code(), Some(0));
 }
 
-/// Clients asking the pool for `path`, one new connection a request, until stopped (at most
-/// 120 s and 3000 requests a thread): successes, failures, the slowest request, and how many
-/// answers each agent pid gave.
+/// Clients asking the pool for `path`, one new connection a request, `pause` apart, until
+/// stopped (at most 120 s and 20000 requests a thread): successes, failures, the slowest
+/// request, and how many answers each agent pid gave.
 struct Load {
     stop: Arc<AtomicBool>,
     ok: Arc<AtomicUsize>,
@@ -367,7 +367,7 @@ struct Load {
 }
 
 impl Load {
-    fn start(addr: SocketAddr, path: &'static str, threads: usize) -> Load {
+    fn start(addr: SocketAddr, path: &'static str, threads: usize, pause: Duration) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let ok = Arc::new(AtomicUsize::new(0));
         let failed = Arc::new(AtomicUsize::new(0));
@@ -380,7 +380,7 @@ impl Load {
                 std::thread::spawn(move || {
                     let deadline = Instant::now() + Duration::from_secs(120);
                     let mut n = 0;
-                    while !stop.load(Ordering::SeqCst) && Instant::now() < deadline && n < 3000 {
+                    while !stop.load(Ordering::SeqCst) && Instant::now() < deadline && n < 20_000 {
                         n += 1;
                         let t = Instant::now();
                         match get(addr, path) {
@@ -397,6 +397,8 @@ impl Load {
                             }
                         }
                         slowest_ms.fetch_max(t.elapsed().as_millis() as u64, Ordering::SeqCst);
+                        // The pace of the load.
+                        std::thread::sleep(pause);
                     }
                 })
             })
@@ -475,8 +477,8 @@ fn killing_the_agent_under_load_fails_no_request() {
     let old = wait_agent(&mut h, "ready", 1);
     let ready_at = Instant::now();
     h.wait_line(&["pool ready"], LONG);
-    let to_agent = Load::start(pool, "/agent", 4);
-    let to_pool = Load::start(pool, "/", 1);
+    let to_agent = Load::start(pool, "/agent", 4, Duration::from_millis(2));
+    let to_pool = Load::start(pool, "/", 1, Duration::from_millis(10));
     // Past a second of serving: the agent is restarted at once, not after a backoff.
     eventually("the agent serving the load for over a second", LONG, || {
         to_agent.answers_from(old) >= 20 && ready_at.elapsed() > Duration::from_millis(1200)
@@ -934,7 +936,7 @@ fn agent_reload_replaces_the_agent_once_the_pool_has_rolled() {
             "--agent",
             &agent,
             "--agent-listen",
-            "127.0.0.1:0",
+            "[::1]:0",
             "--agent-reload",
         ],
         &[],
@@ -944,6 +946,15 @@ fn agent_reload_replaces_the_agent_once_the_pool_has_rolled() {
     let old = wait_agent(&mut h, "ready", 1);
     h.wait_line(&["pool ready"], LONG);
     let old_socket = fds(old)[&3].clone();
+    let addr = status(health)["agent"]["socket"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        addr.starts_with("[::1]:") && !addr.ends_with(":0"),
+        "{addr}"
+    );
+    h.wait_nth_line(&["fixture-worker[", "start-up agent reply: agent"], 2, LONG);
     let out = control(&control_sock, &["reload", "--wait", "--timeout", "30s"]);
     assert!(out.status.success(), "{out:?}");
     let new = wait_agent(&mut h, "ready", 2);

@@ -15,7 +15,7 @@ Knobs (environment):
   AGENT_PAUSE_DIR       once the file pause-<its pid> exists there, accept nothing more; when
                         what it had accepted is answered, log "paused" (what comes later waits
                         in the kernel's queue; the file names one agent, not its replacement)
-On SIGTERM it stops accepting and exits 0; SIGUSR1/SIGUSR2 are logged.
+On SIGTERM it stops accepting, answers what it had accepted and exits 0; SIGUSR1/SIGUSR2 are logged.
 Every line it prints starts with "fixture-agent[PID]" so it never looks like one of herder's.
 """
 
@@ -23,6 +23,7 @@ import os
 import select
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
@@ -106,28 +107,33 @@ def main():
         """Whether to accept nothing more; logs "paused" once nothing is in flight."""
         if not (pause and os.path.exists(pause)):
             return False
-        while True:
-            with lock:
-                if state["in_flight"] == 0:
-                    break
-            time.sleep(0.005)
+        wait_idle()
         log("paused: accepting nothing, nothing in flight")
         return True
 
+    def wait_idle():
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with lock:
+                if state["in_flight"] == 0:
+                    return
+            time.sleep(0.005)
+
+    # accept(2) gives up after 50 ms (SO_RCVTIMEO), so that the loop sees a stop or a pause
+    # without a blocking accept that would take one more connection later. (Not a timeout
+    # in Python's sense: that sets O_NONBLOCK on the listening socket itself, which herder
+    # hands on to the next agent.)
+    lsock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, 50_000))
+
     def accept_loop():
-        while True:
-            # poll, not a timeout on the socket: O_NONBLOCK would be set on the listening
-            # socket itself, which herder hands on to the next agent.
-            readable, _, _ = select.select([lsock], [], [], 0.05)
+        while not state["stopping"]:
             if pause and paused():
                 return
-            if not readable:
-                continue
             try:
                 conn, _ = lsock.accept()
+            except BlockingIOError:
+                continue
             except OSError as e:
-                if state["stopping"]:
-                    return
                 log(f"accept failed: {e}")
                 time.sleep(0.01)
                 continue
@@ -148,7 +154,8 @@ def main():
     delay = int(os.environ.get("AGENT_READY_DELAY_MS", "0"))
     if delay <= 0:
         state["ready"] = True
-    threading.Thread(target=accept_loop, daemon=True).start()
+    acceptor = threading.Thread(target=accept_loop, daemon=True)
+    acceptor.start()
     if delay > 0:
         time.sleep(delay / 1000)
         with lock:
@@ -159,7 +166,10 @@ def main():
     while not stop.wait(3600):
         pass
     state["stopping"] = True
-    log("got SIGTERM: exiting 0")
+    log("got SIGTERM: accepting nothing more, answering what it has")
+    acceptor.join(5)
+    wait_idle()
+    log("drained: exiting 0")
     sys.stderr.flush()
     os._exit(0)
 

@@ -5,8 +5,9 @@ At start-up it logs when it started (CLOCK_MONOTONIC, comparable with the agent'
 agent at HERDER_AGENT_SOCKET once and logs the answer or the failure, then says READY=1.
   GET /       -> "pid=<pid> slot=<slot>"
   GET /agent  -> the agent's answer to one line (503 and the error when that fails)
-SIGUSR1/SIGUSR2 are logged. On SIGTERM it stops accepting, asks the agent once more (its last request, during its drain),
-logs the answer or the failure, and exits 0.
+SIGUSR1/SIGUSR2 are logged. On SIGTERM it stops accepting, answers what it had accepted, asks
+the agent once more (its last request, during its drain), logs the answer or the failure, and
+exits 0.
 Every line it prints starts with "fixture-worker[SLOT/PID]".
 
 Knobs: WORKER_AGENT_TIMEOUT_MS, how long to wait for the agent's answer (default 20000).
@@ -15,6 +16,7 @@ Knobs: WORKER_AGENT_TIMEOUT_MS, how long to wait for the agent's answer (default
 import os
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
@@ -125,18 +127,38 @@ def main():
     signal.signal(signal.SIGUSR1, lambda *_: log("got SIGUSR1"))
     signal.signal(signal.SIGUSR2, lambda *_: log("got SIGUSR2"))
 
+    lock = threading.Lock()
+    in_flight = []
+
+    def handle(conn):
+        try:
+            serve(conn)
+        finally:
+            with lock:
+                in_flight.remove(threading.current_thread())
+
+    # accept(2) gives up after 50 ms (SO_RCVTIMEO) so that a draining worker stops accepting
+    # at once instead of taking one more connection from a blocking accept. (Python's own
+    # timeout would set O_NONBLOCK on the listening socket, shared by the whole pool.)
+    lsock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, 50_000))
+
     def accept_loop():
         while not stop.is_set():
             try:
                 conn, _ = lsock.accept()
-            except OSError:
-                if stop.is_set():
-                    return
+            except BlockingIOError:
+                continue
+            except OSError as e:
+                log(f"accept failed: {e}")
                 time.sleep(0.01)
                 continue
-            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+            t = threading.Thread(target=handle, args=(conn,), daemon=True)
+            with lock:
+                in_flight.append(t)
+            t.start()
 
-    threading.Thread(target=accept_loop, daemon=True).start()
+    acceptor = threading.Thread(target=accept_loop, daemon=True)
+    acceptor.start()
     addr = os.environ.get("NOTIFY_SOCKET")
     if addr:
         if addr.startswith("@"):
@@ -146,7 +168,13 @@ def main():
         n.close()
     while not stop.wait(3600):
         pass
-    # Draining: no new connections; the agent must still answer.
+    # Draining: no new connections, the ones accepted are answered; the agent must still
+    # answer too.
+    acceptor.join(5)
+    with lock:
+        left = list(in_flight)
+    for t in left:
+        t.join(30)
     try:
         log(f"last agent reply: {ask_agent('last request')}")
     except Exception as e:  # noqa: BLE001
