@@ -23,6 +23,9 @@ class Stop(Exception):
 
 
 def on_term(signum, frame):
+    # once: a second SIGTERM (herder's and systemd's, under KillMode=control-group) must not cut
+    # the drain short
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise Stop()
 
 

@@ -414,10 +414,10 @@ agent_section() {
     check "systemctl status shows that STATUS line" grep -qE '^ *Status: ".*; agent ready' <<<"$st"
     check "... and the agent in the unit's cgroup tree: '$(grep -m1 -oE "[0-9]+ /usr/bin/python3 /opt/e2e/agent.py agent\$" <<<"$st")'" \
         grep -qE "(─|-)$apid /usr/bin/python3 /opt/e2e/agent.py agent\$" <<<"$st"
-    sed -n '/CGroup:/,/^$/p' <<<"$st" | sed 's/^/        /'
+    sed -n '/CGroup:/,/^$/{/^$/!p}' <<<"$st" | sed 's/^/        /'
 
     local workers_now t took
-    workers_now=$(ct pgrep -P "$main" -f 'agent.py worker' | sort -n | tr '\n' ' ')
+    workers_now=$(ct pgrep -P "$main" -f 'agent.py worker' | sort -n | tr '\n' ' ') workers_now=${workers_now% }
     t=$EPOCHREALTIME
     check "systemctl stop agent returns 0" ct systemctl stop agent.service
     took=$(elapsed "$t")
