@@ -1083,3 +1083,211 @@ fn an_upgrade_keeps_the_agent() {
         .expect("worker exits");
     assert!(last_worker_exit < agent_exit, "{}", lines.join("\n"));
 }
+
+#[test]
+fn a_required_agent_gates_the_workers_and_readyz_configured_from_the_environment() {
+    let dir = TempDir::new("agent-required");
+    let gate = dir.path().join("gate");
+    let addr = format!("unix:{}", dir.path().join("agent.sock").display());
+    let agent = agent_cmd();
+    let mut h = start(
+        &[
+            "-l",
+            "127.0.0.1:0",
+            "--health",
+            "127.0.0.1:0",
+            "-w",
+            "2",
+            "--ready",
+            "notify",
+        ],
+        &[
+            ("HERDER_AGENT_COMMAND", &agent),
+            ("HERDER_AGENT_LISTEN", &addr),
+            ("HERDER_AGENT_REQUIRED", "true"),
+            ("AGENT_READY_GATE", gate.to_str().unwrap()),
+        ],
+    );
+    let pool = h.addr();
+    let health = health_addr(&mut h);
+    let first = wait_agent(&mut h, "spawned", 1);
+    h.wait_line(&[&format!("fixture-agent[{first}] waiting for")], LONG);
+    let (code, body) = probe(health, "/readyz");
+    assert_eq!(code, 503, "{body}");
+    let doc = status(health);
+    assert_eq!(doc["agent"]["state"], "starting", "{doc}");
+    assert_eq!(doc["agent"]["required"], true, "{doc}");
+    assert_eq!(doc["agent"]["socket"], addr.as_str(), "{doc}");
+    assert_eq!(
+        h.lines()
+            .iter()
+            .filter(|l| is_herder_worker_line(l) && l.contains(SPAWNED))
+            .count(),
+        0,
+        "no worker before a required agent's READY=1"
+    );
+    std::fs::write(&gate, "").unwrap();
+    assert_eq!(wait_agent(&mut h, "ready", 1), first);
+    h.wait_line(&["pool ready"], LONG);
+    assert_eq!(probe(health, "/readyz").0, 200);
+
+    // Down again: /readyz says so at once, while the pool keeps serving.
+    std::fs::remove_file(&gate).unwrap();
+    // SAFETY: kill(2) on the agent pid herder reported.
+    unsafe { libc::kill(first, libc::SIGKILL) };
+    h.wait_line(&[&format!("agent (pid {first}) killed by signal 9")], LONG);
+    let second = wait_agent(&mut h, "spawned", 2);
+    h.wait_line(&[&format!("fixture-agent[{second}] waiting for")], LONG);
+    let (code, body) = probe(health, "/readyz");
+    assert_eq!(code, 503, "a required agent that is not ready: {body}");
+    assert!(body.contains("agent"), "says why: {body}");
+    body_is_a_pid(&get(pool, "/").expect("the pool serves meanwhile"));
+    std::fs::write(&gate, "").unwrap();
+    assert_eq!(wait_agent(&mut h, "ready", 2), second);
+    eventually("/readyz 200 again", LONG, || {
+        probe(health, "/readyz").0 == 200
+    });
+    h.signal(libc::SIGTERM);
+    assert_eq!(h.wait_exit(LONG).code(), Some(0));
+}
+
+#[test]
+fn the_agent_gets_its_stop_signal_after_the_pool_and_sigkill_at_its_drain_timeout() {
+    let agent = agent_cmd();
+    let mut h = start(
+        &[
+            "-l",
+            "127.0.0.1:0",
+            "-w",
+            "2",
+            "--ready",
+            "notify",
+            "--agent",
+            &agent,
+            "--agent-listen",
+            "127.0.0.1:0",
+            "--agent-stop-signal",
+            "USR2",
+            "--agent-drain-timeout",
+            "1s",
+        ],
+        &[],
+    );
+    let pid = wait_agent(&mut h, "ready", 1);
+    h.wait_line(&["pool ready"], LONG);
+    h.signal(libc::SIGTERM);
+    // USR2 makes the fixture log and carry on: herder must SIGKILL it, a second later.
+    h.wait_line(&[&format!("fixture-agent[{pid}] got SIGUSR2")], LONG);
+    let asked = Instant::now();
+    let code = h.wait_exit(LONG).code();
+    assert!(
+        asked.elapsed() >= Duration::from_millis(900),
+        "--agent-drain-timeout 1s: {:?}",
+        asked.elapsed()
+    );
+    let lines = h.lines();
+    let last_worker_exit = lines
+        .iter()
+        .rposition(|l| is_herder_worker_line(l) && is_worker_exit(l))
+        .expect("worker exits");
+    let usr2 = position(&lines, "the agent's USR2", |l| {
+        l.contains(&format!("fixture-agent[{pid}] got SIGUSR2"))
+    });
+    let killed = position(&lines, "the agent killed", |l| {
+        l.contains(&format!("agent (pid {pid}) killed by signal 9 (SIGKILL)"))
+    });
+    assert!(
+        last_worker_exit < usr2 && usr2 < killed,
+        "{}",
+        lines.join("\n")
+    );
+    assert_eq!(h.count(&["fixture-agent[", "got SIGTERM"]), 0);
+    assert_eq!(
+        code,
+        Some(3),
+        "3, as when a worker had to be SIGKILLed at its drain timeout"
+    );
+}
+
+#[test]
+fn quit_kills_the_agent_with_the_pool_at_once() {
+    let agent = agent_cmd();
+    let mut h = start(
+        &[
+            "-l",
+            "127.0.0.1:0",
+            "-w",
+            "2",
+            "--ready",
+            "notify",
+            "--agent",
+            &agent,
+            "--agent-listen",
+            "127.0.0.1:0",
+            "--drain-timeout",
+            "60s",
+        ],
+        &[],
+    );
+    let pid = wait_agent(&mut h, "ready", 1);
+    h.wait_line(&["pool ready"], LONG);
+    h.signal(libc::SIGQUIT);
+    let code = h.wait_exit(LONG).code();
+    assert_eq!(code, Some(3), "a forced stop");
+    assert_eq!(
+        h.count(&[&format!("agent (pid {pid}) killed by signal 9 (SIGKILL)")]),
+        1
+    );
+    assert_eq!(h.count(&["pool drained: stopping the agent"]), 0);
+    assert_eq!(h.count(&["fixture-agent[", "got SIGTERM"]), 0);
+    assert!(!alive(pid));
+}
+
+#[test]
+fn an_agent_that_says_stopping_is_replaced_at_once() {
+    let dir = TempDir::new("agent-retire");
+    let agent = agent_cmd();
+    let mut h = start(
+        &[
+            "-l",
+            "127.0.0.1:0",
+            "--health",
+            "127.0.0.1:0",
+            "-w",
+            "1",
+            "--ready",
+            "notify",
+            "--agent",
+            &agent,
+            "--agent-listen",
+            "127.0.0.1:0",
+        ],
+        &[("AGENT_RETIRE_DIR", dir.path().to_str().unwrap())],
+    );
+    let pool = h.addr();
+    let health = health_addr(&mut h);
+    let old = wait_agent(&mut h, "ready", 1);
+    let ready_at = Instant::now();
+    h.wait_line(&["pool ready"], LONG);
+    // STOPPING=1 counts once the agent has served (a second ready).
+    eventually("the agent ready for over a second", LONG, || {
+        ready_at.elapsed() > Duration::from_millis(1200)
+    });
+    // Forwarded to the agent, whose answer is STOPPING=1; it then waits to be released.
+    h.signal(libc::SIGUSR1);
+    h.wait_line(&[&format!("fixture-agent[{old}] retiring")], LONG);
+    let new = wait_agent(&mut h, "ready", 2);
+    assert_ne!(new, old);
+    assert!(alive(old), "replaced while the old one still runs");
+    assert!(get(pool, "/agent")
+        .unwrap()
+        .starts_with(&format!("agent {new} ")));
+    std::fs::write(dir.path().join(format!("retire-{old}")), "").unwrap();
+    h.wait_line(&[&format!("agent (pid {old}) exited with status 0")], LONG);
+    assert_eq!(h.count(&["agent restarting in"]), 0, "no backoff");
+    let doc = status(health);
+    assert_eq!(doc["agent"]["pid"], new, "{doc}");
+    assert_eq!(doc["agent"]["state"], "ready", "{doc}");
+    h.signal(libc::SIGTERM);
+    assert_eq!(h.wait_exit(LONG).code(), Some(0));
+}

@@ -12,6 +12,9 @@ Knobs (environment):
   AGENT_FAIL=1          exit 1 at once, serving nothing
   AGENT_SLOW_START_FILE when this file exists at start, wait 1 s before accepting anything
                         (connections queue in the kernel meanwhile), then go on as usual
+  AGENT_READY_GATE      wait until this file exists before READY=1 (after the delay, if any)
+  AGENT_RETIRE_DIR      on SIGUSR1: send STOPPING=1, accept nothing more, and exit 0 once the
+                        file retire-<its pid> exists there (an agent retiring on its own)
   AGENT_PAUSE_DIR       once the file pause-<its pid> exists there, accept nothing more; when
                         what it had accepted is answered, log "paused" (what comes later waits
                         in the kernel's queue; the file names one agent, not its replacement)
@@ -143,7 +146,16 @@ def main():
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGUSR1, lambda *_: log("got SIGUSR1"))
+    retire_dir = os.environ.get("AGENT_RETIRE_DIR")
+    retire = threading.Event()
+
+    def on_usr1(*_):
+        log("got SIGUSR1")
+        if retire_dir:
+            retire.set()
+            stop.set()
+
+    signal.signal(signal.SIGUSR1, on_usr1)
     signal.signal(signal.SIGUSR2, lambda *_: log("got SIGUSR2"))
 
     slow = os.environ.get("AGENT_SLOW_START_FILE")
@@ -160,12 +172,28 @@ def main():
         time.sleep(delay / 1000)
         with lock:
             state["ready"] = True
+    gate = os.environ.get("AGENT_READY_GATE")
+    if gate:
+        log(f"waiting for {gate} before READY=1")
+        while not os.path.exists(gate):
+            time.sleep(0.01)
     t = mono_ns()
     sent = notify("READY=1")
     log(f"ready mono_ns={t} notified={sent}")
     while not stop.wait(3600):
         pass
     state["stopping"] = True
+    if retire.is_set():
+        notify("STOPPING=1")
+        log("retiring: sent STOPPING=1, accepting nothing more")
+        acceptor.join(5)
+        wait_idle()
+        release = os.path.join(retire_dir, f"retire-{PID}")
+        while not os.path.exists(release):
+            time.sleep(0.01)
+        log("retired: exiting 0")
+        sys.stderr.flush()
+        os._exit(0)
     log("got SIGTERM: accepting nothing more, answering what it has")
     acceptor.join(5)
     wait_idle()
