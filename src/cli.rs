@@ -17,9 +17,11 @@ use crate::listen::ListenSpec;
 use crate::pool::{PoolConfig, ReadyMode};
 use crate::steer::Balance;
 
+mod agent;
 mod env;
 mod man;
 
+pub use agent::AgentArgs;
 pub use env::{own_vars, FromEnv, ListenArg};
 
 /// The longest duration any flag takes: 365 days. Far longer than any sensible timeout,
@@ -52,8 +54,8 @@ SIGTERM, and speaks sd_notify(3) both ways (READY, RELOADING, STOPPING, STATUS, 
 PID 1 in a container it also reaps every orphan.
 
 Every option can also be set in the environment as HERDER_ and its long name in capitals \
-(HERDER_WORKERS=4, HERDER_DRAIN_TIMEOUT=10s); the command line wins. Workers do not see these \
-variables.";
+(HERDER_WORKERS=4, HERDER_DRAIN_TIMEOUT=10s; --agent: HERDER_AGENT_COMMAND); the command line \
+wins. Workers do not see these variables.";
 
 /// Exit statuses, for `--help` and the man page's EXIT STATUS.
 const EXIT_STATUS: [(&str, &str); 4] = [
@@ -343,6 +345,9 @@ pub struct RunArgs {
     #[arg(long, env = "HERDER_CONTROL", value_name = "PATH")]
     pub control: Option<PathBuf>,
 
+    #[command(flatten)]
+    pub agent: AgentArgs,
+
     /// Say whether this binary can take over a running herder's state of this format (exit 0)
     /// or not (exit 1): the preflight of `herder upgrade`, run on the new binary with the
     /// running herder's own arguments.
@@ -482,12 +487,16 @@ impl RunArgs {
         {
             return Err("--max-lifetime must be at least 1s".into());
         }
+        let ready = match self.ready {
+            ReadyArg::Exec => ReadyMode::Exec,
+            ReadyArg::Notify => ReadyMode::Notify,
+        };
+        let agent = self
+            .agent
+            .config(ready, self.stop_signal, self.drain_timeout)?;
         Ok(PoolConfig {
             workers,
-            ready: match self.ready {
-                ReadyArg::Exec => ReadyMode::Exec,
-                ReadyArg::Notify => ReadyMode::Notify,
-            },
+            ready,
             ready_timeout: self.ready_timeout,
             min_ready: self.min_ready,
             stop_signal: self.stop_signal,
@@ -503,6 +512,7 @@ impl RunArgs {
             leave_timeout: self
                 .reuseport
                 .then(|| crate::pool::LEAVE_MAX.min(self.drain_timeout)),
+            agent,
         })
     }
 }

@@ -347,6 +347,23 @@ pub fn table(st: &Value) -> String {
             "(old generation)"
         );
     }
+    let a = &st["agent"];
+    if a.is_object() {
+        out += &format!(
+            "{:<5} {:<8} {:<9} {:<8} {:>7} {:>7} {:<8} {}\n",
+            "agent",
+            text(&a["pid"]),
+            text(&a["state"]),
+            uptime(&a["uptime_s"]),
+            size(&a["memory_bytes"]),
+            percent(&a["cpu_percent"]),
+            text(&a["restarts"]),
+            text(&a["last_exit"]),
+        );
+        if !a["socket"].is_null() {
+            out += &format!("agent socket: {}\n", text(&a["socket"]));
+        }
+    }
     out
 }
 

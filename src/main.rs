@@ -189,6 +189,7 @@ fn resume(args: &cli::RunArgs, fd: &OsString, argv: &[OsString]) -> Result<super
             listen: args.listen(),
             health: health_spec(args)?,
             fd_store: args.fd_store,
+            agent_command: args.agent.command().map_err(anyhow::Error::msg)?,
         },
     )
     .map(|mut s| {
@@ -293,8 +294,14 @@ fn setup(
         }
         None => None,
     };
-    let plan =
+    let agent_socket = bind_agent_socket(args, (worker_uid, worker_gid), creds.is_some())?;
+    let agent_address = agent_socket.as_ref().map(|l| l.display.as_str());
+    let agent_plan = agent_plan(args, creds.clone(), nofile, agent_address)?;
+    let mut plan =
         spawn::Plan::new(&args.command, creds, nofile).context("preparing the worker command")?;
+    if let Some(a) = agent_address {
+        plan.set_env("HERDER_AGENT_SOCKET", a);
+    }
     let notify = notify::NotifySockets::new((worker_uid, worker_gid));
     pid1::become_subreaper();
     if let Some(w) = cfg.manager_watchdog {
@@ -309,6 +316,8 @@ fn setup(
     let mut s = supervisor::Supervisor::new(pool, sockets, plan, manager, worker_uid, notify);
     s.health = health;
     s.control = control;
+    s.agent_plan = agent_plan;
+    s.agent_socket = agent_socket;
     let text = |v: &Option<OsString>| v.as_ref().and_then(|v| v.to_str()).map(str::to_string);
     s.up.manager = supervisor::ManagerFacts {
         notify_socket: text(&env.notify_socket),
@@ -319,6 +328,44 @@ fn setup(
     s.fd_store = store;
     s.steer = args.balance().map(steer::Steering::new);
     Ok(s)
+}
+
+/// `--agent-listen`: the socket, bound once for herder's whole life. A unix path belongs to
+/// the workers' user (`--user`), who must be able to connect to it.
+fn bind_agent_socket(
+    args: &cli::RunArgs,
+    (uid, gid): (u32, u32),
+    switching_user: bool,
+) -> Result<Option<listen::Listener>> {
+    let Some(spec) = args.agent.listen().map_err(anyhow::Error::msg)? else {
+        return Ok(None);
+    };
+    let l = listen::bind(&spec, false).context("--agent-listen")?;
+    if let (Some(path), true) = (&l.owned_path, switching_user) {
+        std::os::unix::fs::chown(path, Some(uid), Some(gid))
+            .with_context(|| format!("--agent-listen: cannot give {} to --user", path.display()))?;
+    }
+    info!(addr = %l.display, "agent socket on {}", l.display);
+    Ok(Some(l))
+}
+
+/// `--agent`: the agent's command, with the workers' credentials and fd limit, and
+/// `HERDER_AGENT_SOCKET` when it has a socket.
+fn agent_plan(
+    args: &cli::RunArgs,
+    creds: Option<spawn::Credentials>,
+    nofile: Option<libc::rlimit>,
+    address: Option<&str>,
+) -> Result<Option<spawn::Plan>> {
+    let Some(command) = args.agent.command().map_err(anyhow::Error::msg)? else {
+        return Ok(None);
+    };
+    let mut plan =
+        spawn::Plan::new(&command, creds, nofile).context("preparing the agent command")?;
+    if let Some(a) = address {
+        plan.set_env("HERDER_AGENT_SOCKET", a);
+    }
+    Ok(Some(plan))
 }
 
 /// What `--health` says: a TCP address.

@@ -77,6 +77,19 @@ pub fn render(pool: &Pool, upgrades: &Record, usage: &PoolUsage) -> String {
         restarts,
     );
 
+    if let Some(agent) = &pool.agent {
+        let up = Gauge::<i64>::default();
+        up.set(agent.ready() as i64);
+        reg.register("agent_ready", "1 when the agent (--agent) is ready", up);
+        let restarts = Counter::<u64>::default();
+        restarts.inc_by(c.agent_restarts);
+        reg.register(
+            "agent_restarts",
+            "Agent restarts after it exited (apart from the workers' restarts)",
+            restarts,
+        );
+    }
+
     let reloads = Family::<Labels, Counter>::default();
     reloads
         .get_or_create(&label("result", "succeeded"))

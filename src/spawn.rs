@@ -91,7 +91,8 @@ pub struct Plan {
 
 /// What differs per worker.
 pub struct WorkerEnv<'a> {
-    pub slot: usize,
+    /// The worker's slot (`HERDER_WORKER`), or `None` for the agent (`HERDER_AGENT=1`).
+    pub slot: Option<usize>,
     pub fds: &'a [RawFd],
     pub fdnames: &'a str,
     pub notify_socket: &'a str,
@@ -108,6 +109,8 @@ const OURS: &[&str] = &[
     "WATCHDOG_USEC",
     "WATCHDOG_PID",
     "HERDER_WORKER",
+    "HERDER_AGENT",
+    "HERDER_AGENT_SOCKET",
 ];
 
 fn cstring(b: &[u8]) -> CString {
@@ -150,6 +153,12 @@ impl Plan {
             parent: unsafe { libc::getpid() },
             nofile,
         })
+    }
+
+    /// Adds `NAME=value` to what every process of this plan gets (`HERDER_AGENT_SOCKET`).
+    pub fn set_env(&mut self, name: &str, value: &str) {
+        self.base_env
+            .push(cstring(format!("{name}={value}").as_bytes()));
     }
 
     /// The program to exec, found like execvp(3) does, but before fork (PATH search
@@ -224,7 +233,10 @@ pub fn spawn(plan: &Plan, w: &WorkerEnv<'_>) -> Result<i32, SpawnError> {
         env.push(cstring(format!("LISTEN_FDNAMES={}", w.fdnames).as_bytes()));
         listen_pid = Some(PidSlot::new("LISTEN_PID"));
     }
-    env.push(cstring(format!("HERDER_WORKER={}", w.slot).as_bytes()));
+    match w.slot {
+        Some(slot) => env.push(cstring(format!("HERDER_WORKER={slot}").as_bytes())),
+        None => env.push(cstring(b"HERDER_AGENT=1")),
+    }
     env.push(cstring(
         format!("NOTIFY_SOCKET={}", w.notify_socket).as_bytes(),
     ));

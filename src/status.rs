@@ -93,12 +93,68 @@ pub fn status_line(pool: &Pool, now: Instant) -> String {
             }
         }
     };
-    match &pool.resource_error {
+    let line = match &pool.resource_error {
         Some(e) if pool.phase.serving() => {
             format!("{line}; herder cannot start workers: {e} (retrying)")
         }
         _ => line,
+    };
+    match agent_phrase(pool) {
+        Some(a) => format!("{line}; {a}"),
+        None => line,
     }
+}
+
+/// The agent in a few words for `STATUS=`: "agent ready", "agent down (exit status 1),
+/// restarting", … (`None`: no agent).
+fn agent_phrase(pool: &Pool) -> Option<String> {
+    let agent = pool.agent.as_ref()?;
+    let phrase = match agent.shown() {
+        Some(w) if w.state == State::Ready => "agent ready".to_string(),
+        Some(w) => format!("agent {}", worker_state(w)),
+        None if agent.backoff_until.is_some() => format!(
+            "agent down ({}), restarting",
+            agent.last_exit.as_deref().unwrap_or("not started")
+        ),
+        None => "agent stopped".to_string(),
+    };
+    Some(phrase)
+}
+
+/// The agent's part of the status document (`null` without `--agent`); the supervisor adds
+/// its socket.
+fn agent_json(pool: &Pool, usage: &PoolUsage, now: Instant) -> Value {
+    let Some(agent) = &pool.agent else {
+        return Value::Null;
+    };
+    let shown = agent.shown();
+    let state = match shown {
+        Some(w) => worker_state(w),
+        None if agent.backoff_until.is_some() => "backoff",
+        None => "down",
+    };
+    let age = shown.map(|w| now.saturating_duration_since(w.spawned_at));
+    let mut v = json!({
+        "pid": shown.and_then(|w| w.pid),
+        "state": state,
+        "ready": agent.ready(),
+        "required": pool.config().agent.as_ref().is_some_and(|c| c.required),
+        "socket": Value::Null,
+        "generation": shown.map(|w| w.generation),
+        "uptime_s": age.map(|a| round(a.as_secs_f64())),
+        "restarts": agent.restarts,
+        "last_exit": agent.last_exit,
+        "backoff_ms": agent.backoff_until.map(|t| t.saturating_duration_since(now).as_millis() as u64),
+        "status": shown.and_then(|w| w.status.clone()),
+        "replacement": agent.next.and_then(|id| agent.procs.get(&id)).map(|w| w.pid),
+    });
+    usage_fields(
+        &mut v,
+        usage,
+        shown.and_then(|w| w.pid),
+        age.unwrap_or_default(),
+    );
+    v
 }
 
 /// A worker's state as one word: starting, ready, leaving (a removed slot's, still accepting
@@ -262,5 +318,6 @@ pub fn status_json(
         "sockets": sockets,
         "slots": slots,
         "other_workers": others,
+        "agent": agent_json(pool, usage, now),
     })
 }

@@ -84,6 +84,8 @@ pub struct State {
     pub health_fd: Option<RawFd>,
     pub control_fd: Option<RawFd>,
     pub control_path: Option<PathBuf>,
+    /// `--agent-listen`: the agent's socket.
+    pub agent_listener: Option<ListenerState>,
     /// The directory of the workers' notify sockets, or the abstract prefix.
     pub notify_dir: Option<PathBuf>,
     pub notify_prefix: Option<String>,
@@ -117,6 +119,7 @@ impl State {
         );
         out.extend(self.health_fd);
         out.extend(self.control_fd);
+        out.extend(self.agent_listener.iter().map(|l| l.fd));
         out.extend(self.notify.iter().map(|n| n.fd));
         out.extend(&self.waiters);
         out

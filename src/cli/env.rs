@@ -23,7 +23,13 @@ pub const LOG_VAR: &str = "HERDER_LOG";
 /// Names herder sets or reads that no option's variable may take: an option `--worker` or
 /// `--log` would otherwise collide with them.
 #[cfg(test)]
-pub const RESERVED: &[&str] = &["HERDER_WORKER", LOG_VAR, crate::upgrade::STATE_FD_VAR];
+pub const RESERVED: &[&str] = &[
+    "HERDER_WORKER",
+    "HERDER_AGENT",
+    "HERDER_AGENT_SOCKET",
+    LOG_VAR,
+    crate::upgrade::STATE_FD_VAR,
+];
 
 /// The sockets one `--listen` asks for; from `HERDER_LISTEN`, as many as it lists.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -47,7 +47,16 @@ const READS: &[(&str, &str)] = &[
 
 /// What herder sets for every worker.
 const GIVES: &[(&str, &str)] = &[
-    ("HERDER_WORKER", "The worker's slot, 0 to N-1."),
+    (
+        "HERDER_WORKER",
+        "The worker's slot, 0 to N-1 (the agent gets HERDER_AGENT=1 instead, and only its \
+         --agent-listen socket at fd 3, named agent).",
+    ),
+    (
+        "HERDER_AGENT_SOCKET",
+        "With --agent-listen, for workers and the agent: the agent's address in --listen \
+         syntax (unix:/run/app/agent.sock, 127.0.0.1:9000).",
+    ),
     (
         "LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES",
         "The sockets at fd 3, 4, ...: their number, the worker's own pid, their names.",
@@ -313,7 +322,8 @@ fn environment(cmd: &clap::Command) -> Roff {
     paragraphs(
         &mut r,
         "Every option of the run command can also be set as HERDER_ and its long name in \
-         capitals, - as _ (HERDER_WORKERS=4, HERDER_DRAIN_TIMEOUT=10s). The command line wins: \
+         capitals, - as _ (HERDER_WORKERS=4, HERDER_DRAIN_TIMEOUT=10s); --agent's is \
+         HERDER_AGENT_COMMAND (HERDER_AGENT=1 marks the agent process). The command line wins: \
          an option given there is used and its variable ignored (for --listen, the whole of \
          HERDER_LISTEN). HERDER_LISTEN takes one or more addresses separated by whitespace; \
          flags take 1, true, yes or on, and 0, false, no or off. A bad value is a usage error \

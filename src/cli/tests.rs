@@ -173,8 +173,12 @@ proptest! {
 
 // The environment's part: `HERDER_<LONG_NAME>` for every option.
 
-/// `--drain-timeout` → `HERDER_DRAIN_TIMEOUT`.
+/// `--drain-timeout` → `HERDER_DRAIN_TIMEOUT`; `--agent` → `HERDER_AGENT_COMMAND`
+/// (`HERDER_AGENT=1` marks the agent process, src/cli/agent.rs).
 fn variable_for(long: &str) -> String {
+    if long == "agent" {
+        return super::agent::COMMAND_VAR.to_string();
+    }
     format!("HERDER_{}", long.to_ascii_uppercase().replace('-', "_"))
 }
 

@@ -27,7 +27,8 @@ impl Pool {
         for r in batch {
             match self.pids.remove(&r.pid) {
                 Some(id) => {
-                    if let Some(w) = self.workers.get_mut(&id) {
+                    let agent = self.agent.as_mut().and_then(|a| a.procs.get_mut(&id));
+                    if let Some(w) = self.workers.get_mut(&id).or(agent) {
                         w.pid = None;
                     }
                     ours.push((id, r));
@@ -45,6 +46,7 @@ impl Pool {
         }
         for (id, r) in ours {
             let Some(w) = self.workers.get(&id) else {
+                self.agent_reaped(id, r, now);
                 continue;
             };
             let (slot, pid, status) = (w.slot, r.pid, r.status);
@@ -62,7 +64,7 @@ impl Pool {
                 warn!(slot, pid, %status, "worker {slot} (pid {pid}) {what}");
             }
             if r.group_left {
-                self.stop_leftovers(slot, pid, now);
+                self.stop_leftovers(&format!("worker {slot}"), pid, now);
             }
             self.gone(id, status.to_string(), now);
         }
@@ -70,11 +72,10 @@ impl Pool {
 
     /// Processes a worker started outlived it, still in its process group (they hold the
     /// listening socket): `--stop-signal` now, SIGKILL after `--drain-timeout`.
-    fn stop_leftovers(&mut self, slot: usize, pgid: i32, now: Instant) {
+    pub(super) fn stop_leftovers(&mut self, who: &str, pgid: i32, now: Instant) {
         info!(
-            slot,
             pgid,
-            "worker {slot} (pid {pgid}) left processes running in its process group: sending \
+            "{who} (pid {pgid}) left processes running in its process group: sending \
              them {}, SIGKILL in {}",
             self.cfg.stop_signal.as_str(),
             fmt_dur(self.cfg.drain_timeout)
@@ -96,7 +97,7 @@ impl Pool {
         now: Instant,
     ) {
         let Some(w) = self.workers.get(&id) else {
-            return;
+            return self.agent_spawn_failed(id, code, reason, blame, now);
         };
         match blame {
             Blame::Command => {
@@ -128,7 +129,7 @@ impl Pool {
             }
         }
         if !self.phase.serving() {
-            self.finish_if_empty();
+            self.finish_if_empty(now);
             return;
         }
         let s = &mut self.slots[slot];
@@ -176,7 +177,7 @@ impl Pool {
                     s.next = None;
                 }
             }
-            self.finish_if_empty();
+            self.finish_if_empty(now);
             return;
         }
         if is_next {

@@ -7,11 +7,12 @@
 //!
 //! Each rule lives in one place: this file holds the pool, starting workers and the clock;
 //! [`exits`] what a worker's end (or `STOPPING=1`, or a missed watchdog) means for its slot;
-//! [`reload`] the rolling reload; [`leave`] a removed slot's worker that still accepts its
+//! [`reload`] the rolling reload; [`agent`] the one process beside the pool (`--agent`); [`leave`] a removed slot's worker that still accepts its
 //! queue; [`recycle`] replacing a worker that is too big or too old;
 //! [`stop`] stopping and scaling; [`snapshot`] the pool as it
 //! crosses an in-place upgrade; [`types`] the vocabulary.
 
+mod agent;
 mod exits;
 mod leave;
 mod recycle;
@@ -29,6 +30,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use tracing::{debug, info, warn};
 
+pub use agent::{Agent, AgentConfig};
 pub use leave::{LEAVE_MAX, LEAVE_POLL};
 pub use snapshot::PoolSnapshot;
 pub use types::*;
@@ -79,6 +81,10 @@ pub struct Pool {
     pub recycle: Option<Recycle>,
     recycle_queue: Vec<(usize, WorkerId, RecycleWhy)>,
     next_measure: Option<Instant>,
+    /// `--agent`: its processes and restart bookkeeping.
+    pub agent: Option<Agent>,
+    /// The workers have been started (with an agent, only once it is ready).
+    pool_started: bool,
     out: Vec<Action>,
     manager: Vec<ManagerMsg>,
 }
@@ -87,7 +93,13 @@ impl Pool {
     pub fn new(cfg: PoolConfig, now: Instant) -> Self {
         let next_ping = cfg.manager_watchdog.map(|_| now);
         let workers = cfg.workers.clamp(1, MAX_WORKERS);
+        let agent = cfg
+            .agent
+            .as_ref()
+            .map(|_| Agent::new(cfg.restart_limit, cfg.restart_window));
         Pool {
+            agent,
+            pool_started: false,
             slots: (0..workers).map(|_| Slot::new(&cfg)).collect(),
             cfg,
             counters: Counters::default(),
@@ -162,6 +174,7 @@ impl Pool {
             .chain(self.next_ping)
             .chain(self.leftovers.values().copied())
             .chain(self.recycle_deadline())
+            .chain(self.agent_deadlines())
             .min()
     }
 
@@ -213,11 +226,20 @@ impl Pool {
 
     /// Ready for traffic: enough ready workers and not stopping (`/readyz`).
     pub fn is_ready(&self) -> bool {
-        self.phase == Phase::Running && self.ready_count() >= self.min_ready()
+        self.phase == Phase::Running && self.ready_count() >= self.min_ready() && self.agent_ok()
     }
 
+    /// The worker (or agent process) with this pid.
     pub fn worker_of_pid(&self, pid: i32) -> Option<WorkerId> {
         self.pids.get(&pid).copied()
+    }
+
+    /// The pid of a worker or agent process, while it runs.
+    pub fn pid_of(&self, id: WorkerId) -> Option<i32> {
+        match self.workers.get(&id) {
+            Some(w) => w.pid,
+            None => self.agent.as_ref()?.procs.get(&id)?.pid,
+        }
     }
 
     /// Restarts within `--restart-window`, over all slots.
@@ -228,19 +250,35 @@ impl Pool {
     // --- starting workers ---------------------------------------------------------------
 
     fn start(&mut self, now: Instant) {
+        // Tell systemd a start may take up to --ready-timeout for each stage that waits for
+        // READY=1: the agent's, then the workers' (sd_notify(3) EXTEND_TIMEOUT_USEC).
+        let agent_waits = self
+            .cfg
+            .agent
+            .as_ref()
+            .is_some_and(|a| a.ready == ReadyMode::Notify);
+        let stages = u32::from(self.cfg.ready == ReadyMode::Notify) + u32::from(agent_waits);
+        if stages > 0 {
+            self.manager.push(ManagerMsg::ExtendTimeout(
+                (self.cfg.ready_timeout * stages).saturating_add(Duration::from_secs(5)),
+            ));
+        }
+        if self.agent.is_some() {
+            info!("starting the agent");
+            self.spawn_agent(now);
+        } else {
+            self.start_pool(now);
+        }
+    }
+
+    /// The workers, every slot at once (after the agent, when there is one).
+    fn start_pool(&mut self, now: Instant) {
+        self.pool_started = true;
         info!(
             workers = self.slots.len(),
             "starting the pool: {} workers",
             self.slots.len()
         );
-        if self.cfg.ready == ReadyMode::Notify {
-            // Tell systemd a start may take up to --ready-timeout (sd_notify(3) EXTEND_TIMEOUT_USEC).
-            self.manager.push(ManagerMsg::ExtendTimeout(
-                self.cfg
-                    .ready_timeout
-                    .saturating_add(Duration::from_secs(5)),
-            ));
-        }
         for slot in 0..self.slots.len() {
             self.spawn(slot, now);
         }
@@ -280,7 +318,7 @@ impl Pool {
 
     fn spawned(&mut self, id: WorkerId, pid: i32, now: Instant) {
         let Some(w) = self.workers.get_mut(&id) else {
-            return;
+            return self.agent_spawned(id, pid, now);
         };
         w.pid = Some(pid);
         w.spawned_at = now;
@@ -339,6 +377,11 @@ impl Pool {
         if self.reloading {
             self.advance_reload(now);
         }
+        self.announce_if_ready();
+    }
+
+    /// READY=1 to systemd, once: when enough workers (and the agent) first are.
+    fn announce_if_ready(&mut self) {
         if !self.announced_ready && !self.reloading && self.is_ready() {
             self.announced_ready = true;
             let ready = self.ready_count();
@@ -349,7 +392,7 @@ impl Pool {
 
     fn message(&mut self, id: WorkerId, msg: WorkerMsg, now: Instant) {
         let Some(w) = self.workers.get_mut(&id) else {
-            return;
+            return self.agent_message(id, msg, now);
         };
         let (slot, pid) = (w.slot, w.pid.unwrap_or(0));
         let stopping = matches!(w.state, State::Stopping { .. });
@@ -432,6 +475,7 @@ impl Pool {
         for id in due {
             self.worker_due(id, now);
         }
+        self.agent_tick(now);
         let groups: Vec<i32> = self
             .leftovers
             .iter()

@@ -77,6 +77,7 @@ impl Pool {
                 self.announced_ready = true;
                 self.manager.push(ManagerMsg::Ready);
             }
+            self.reload_agent(now);
         }
     }
 

@@ -38,6 +38,27 @@ pub struct PoolSnapshot {
     /// The recycle under way (`--max-memory`, `--max-lifetime`). What was only queued is not
     /// carried: the new image finds it due again.
     pub recycle: Option<RecycleSnapshot>,
+    /// `--agent`: its processes and restart bookkeeping.
+    pub agent: Option<AgentSnapshot>,
+    /// The workers have not been started yet (the agent is not ready): `false` from an
+    /// older image, whose pool always was.
+    pub pool_waiting: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AgentSnapshot {
+    pub procs: Vec<WorkerSnapshot>,
+    pub current: Option<u64>,
+    pub next: Option<u64>,
+    pub backoff_until: Option<i64>,
+    pub failures: u32,
+    pub resource_failures: u32,
+    pub restarts: u32,
+    pub throttle: Vec<i64>,
+    pub last_exit: Option<String>,
+    pub generation: u64,
+    pub settled: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -69,6 +90,7 @@ pub struct CountersSnapshot {
     pub resource_failures: u64,
     pub exits: BTreeMap<String, u64>,
     pub recycles: BTreeMap<String, u64>,
+    pub agent_restarts: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -151,6 +173,72 @@ fn why_from(s: &str) -> StopWhy {
     }
 }
 
+fn worker_snapshot(id: WorkerId, w: &Worker, base: Instant) -> WorkerSnapshot {
+    let e = |t: Instant| enc(t, base);
+    let (state, deadline, why) = match w.state {
+        State::Spawning => ("starting", None, None),
+        State::Starting { deadline } => ("starting", Some(e(deadline)), None),
+        State::Ready => ("ready", None, None),
+        State::Leaving { until } => ("leaving", Some(e(until)), None),
+        State::Stopping { why, kill_at } => {
+            ("stopping", kill_at.map(e), Some(why_name(why).to_string()))
+        }
+    };
+    WorkerSnapshot {
+        id,
+        slot: w.slot,
+        generation: w.generation,
+        pid: w.pid.unwrap_or(0),
+        state: state.into(),
+        deadline,
+        why,
+        spawned_at: e(w.spawned_at),
+        ready_at: w.ready_at.map(e),
+        last_ping: e(w.last_ping),
+        status: w.status.clone(),
+        errno: w.errno,
+    }
+}
+
+/// A worker (or agent process) of the snapshot; `None` without a pid.
+fn worker_restored(
+    w: WorkerSnapshot,
+    base: Instant,
+    now: Instant,
+    cfg: &PoolConfig,
+) -> Option<Worker> {
+    let d = |off: i64| dec(off, base);
+    if w.pid <= 0 {
+        return None;
+    }
+    let state = match w.state.as_str() {
+        "ready" => State::Ready,
+        // (An older image takes "leaving" for starting: its --ready-timeout ends it.)
+        "leaving" => State::Leaving {
+            until: w.deadline.map_or(now, d),
+        },
+        "stopping" => State::Stopping {
+            why: why_from(w.why.as_deref().unwrap_or("drain")),
+            kill_at: w.deadline.map(d),
+        },
+        _ => State::Starting {
+            deadline: w.deadline.map_or_else(|| later(now, cfg.ready_timeout), d),
+        },
+    };
+    Some(Worker {
+        slot: w.slot,
+        generation: w.generation,
+        pid: Some(w.pid),
+        state,
+        spawned_at: d(w.spawned_at),
+        ready_at: w.ready_at.map(d),
+        last_ping: d(w.last_ping),
+        status: w.status,
+        errno: w.errno,
+        stop_when_spawned: None,
+    })
+}
+
 impl Pool {
     /// Whether the pool can cross an exec now; `Err` says why not. Only a running pool with
     /// no reload under way and no worker spawning does: there is nothing half-done to carry.
@@ -165,6 +253,10 @@ impl Pool {
         if self.workers.values().any(|w| w.state == State::Spawning) {
             return Err("a worker is being spawned".into());
         }
+        let agent = self.agent.iter().flat_map(|a| a.procs.values());
+        if agent.clone().any(|w| w.state == State::Spawning) {
+            return Err("the agent is being spawned".into());
+        }
         Ok(())
     }
 
@@ -173,36 +265,7 @@ impl Pool {
         let workers = self
             .workers
             .iter()
-            .map(|(&id, w)| {
-                let (state, deadline, why) = match w.state {
-                    State::Spawning | State::Starting { .. } => {
-                        let d = match w.state {
-                            State::Starting { deadline } => Some(e(deadline)),
-                            _ => None,
-                        };
-                        ("starting", d, None)
-                    }
-                    State::Ready => ("ready", None, None),
-                    State::Leaving { until } => ("leaving", Some(e(until)), None),
-                    State::Stopping { why, kill_at } => {
-                        ("stopping", kill_at.map(e), Some(why_name(why).to_string()))
-                    }
-                };
-                WorkerSnapshot {
-                    id,
-                    slot: w.slot,
-                    generation: w.generation,
-                    pid: w.pid.unwrap_or(0),
-                    state: state.into(),
-                    deadline,
-                    why,
-                    spawned_at: e(w.spawned_at),
-                    ready_at: w.ready_at.map(e),
-                    last_ping: e(w.last_ping),
-                    status: w.status.clone(),
-                    errno: w.errno,
-                }
-            })
+            .map(|(&id, w)| worker_snapshot(id, w, base))
             .collect();
         let slots = self
             .slots
@@ -254,6 +317,7 @@ impl Pool {
                     .iter()
                     .map(|(k, v)| (k.to_string(), *v))
                     .collect(),
+                agent_restarts: c.agent_restarts,
             },
             slots,
             workers,
@@ -267,6 +331,24 @@ impl Pool {
                     RecycleWhy::Lifetime => 0,
                 },
             }),
+            agent: self.agent.as_ref().map(|a| AgentSnapshot {
+                procs: a
+                    .procs
+                    .iter()
+                    .map(|(&id, w)| worker_snapshot(id, w, base))
+                    .collect(),
+                current: a.current,
+                next: a.next,
+                backoff_until: a.backoff_until.map(e),
+                failures: a.failures,
+                resource_failures: a.resource_failures,
+                restarts: a.restarts,
+                throttle: a.throttle.history().map(e).collect(),
+                last_exit: a.last_exit.clone(),
+                generation: a.generation,
+                settled: a.settled,
+            }),
+            pool_waiting: !self.pool_started,
         }
     }
 
@@ -279,41 +361,11 @@ impl Pool {
         let mut workers = BTreeMap::new();
         let mut pids = BTreeMap::new();
         for w in snap.workers {
-            if w.pid <= 0 {
-                continue;
+            let (id, pid) = (w.id, w.pid);
+            if let Some(worker) = worker_restored(w, base, now, &pool.cfg) {
+                pids.insert(pid, id);
+                workers.insert(id, worker);
             }
-            let state = match w.state.as_str() {
-                "ready" => State::Ready,
-                // (An older image takes "leaving" for starting: its --ready-timeout ends it.)
-                "leaving" => State::Leaving {
-                    until: w.deadline.map_or(now, d),
-                },
-                "stopping" => State::Stopping {
-                    why: why_from(w.why.as_deref().unwrap_or("drain")),
-                    kill_at: w.deadline.map(d),
-                },
-                _ => State::Starting {
-                    deadline: w
-                        .deadline
-                        .map_or_else(|| later(now, pool.cfg.ready_timeout), d),
-                },
-            };
-            pids.insert(w.pid, w.id);
-            workers.insert(
-                w.id,
-                Worker {
-                    slot: w.slot,
-                    generation: w.generation,
-                    pid: Some(w.pid),
-                    state,
-                    spawned_at: d(w.spawned_at),
-                    ready_at: w.ready_at.map(d),
-                    last_ping: d(w.last_ping),
-                    status: w.status,
-                    errno: w.errno,
-                    stop_when_spawned: None,
-                },
-            );
         }
         let named = |id: Option<WorkerId>| id.filter(|i| workers.contains_key(i));
         let slots: Vec<Slot> = snap
@@ -356,8 +408,50 @@ impl Pool {
             resource_failures: snap.counters.resource_failures,
             exits,
             recycles: known(&snap.counters.recycles, RECYCLE_REASONS),
+            agent_restarts: snap.counters.agent_restarts,
         };
-        pool.next_id = snap.next_id.max(workers.keys().max().map_or(1, |m| m + 1));
+        pool.pool_started = !snap.pool_waiting;
+        if let (Some(agent), Some(a)) = (pool.agent.as_mut(), snap.agent) {
+            for w in a.procs {
+                let (id, pid) = (w.id, w.pid);
+                if let Some(worker) = worker_restored(w, base, now, &pool.cfg) {
+                    pids.insert(pid, id);
+                    agent.procs.insert(id, worker);
+                }
+            }
+            let named = |id: Option<WorkerId>| id.filter(|i| agent.procs.contains_key(i));
+            agent.current = named(a.current);
+            agent.next = named(a.next);
+            // An agent that is gone without a pending backoff is restarted at once.
+            agent.backoff_until = a
+                .backoff_until
+                .map(d)
+                .or_else(|| agent.current.is_none().then_some(now));
+            agent.failures = a.failures;
+            agent.resource_failures = a.resource_failures;
+            agent.restarts = a.restarts;
+            agent.throttle = Throttle::with_history(
+                pool.cfg.restart_limit,
+                pool.cfg.restart_window,
+                a.throttle.into_iter().map(d).collect(),
+            );
+            agent.last_exit = a.last_exit;
+            agent.generation = a.generation.max(1);
+            agent.settled = a.settled;
+        } else if let Some(agent) = pool.agent.as_mut() {
+            // The earlier image ran no agent: this one starts it now.
+            agent.backoff_until = Some(now);
+            agent.settled = true;
+        }
+        let agent_max = pool
+            .agent
+            .as_ref()
+            .and_then(|a| a.procs.keys().max().copied())
+            .unwrap_or(0);
+        pool.next_id = snap
+            .next_id
+            .max(workers.keys().max().map_or(1, |m| m + 1))
+            .max(agent_max + 1);
         pool.workers = workers;
         pool.pids = pids;
         pool.generation = snap.generation.max(1);

@@ -4,10 +4,11 @@
 
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::Signal;
 use tracing::{error, info};
 
 use super::{fmt_dur, later, Pool, EXIT_CLEAN, EXIT_GAVE_UP, EXIT_KILLED, MAX_WORKERS};
-use super::{Action, ManagerMsg, Phase, Request, Slot, State, Stop, StopWhy, WorkerId};
+use super::{Action, ManagerMsg, Phase, Request, Slot, State, Stop, StopWhy, Worker, WorkerId};
 
 impl Pool {
     pub(super) fn request(&mut self, r: Request, now: Instant) {
@@ -30,20 +31,21 @@ impl Pool {
                 }
                 Phase::LameDuck { .. } | Phase::Draining { .. } => {
                     info!("second stop request: stopping at once");
-                    self.force();
+                    self.force(now);
                 }
                 Phase::Killing { .. } | Phase::Exited => {}
             },
             Request::ForceStop => {
                 info!("QUIT: stopping at once");
-                self.force();
+                self.force(now);
             }
             Request::Reload => self.reload(now),
             Request::ScaleUp => self.scale(self.slots.len().saturating_add(1), now),
             Request::ScaleDown => self.scale(self.slots.len().saturating_sub(1), now),
             Request::ScaleTo(n) => self.scale(n, now),
             Request::Forward(signal) => {
-                for w in self.workers.values() {
+                let agent = self.agent.iter().flat_map(|a| a.procs.values());
+                for w in self.workers.values().chain(agent) {
                     let killed = matches!(
                         w.state,
                         State::Stopping {
@@ -59,10 +61,17 @@ impl Pool {
         }
     }
 
+    /// How long a stop may take: the lame duck, the pool's drain, then the agent's.
     fn stop_budget(&self) -> Duration {
+        let agent = self
+            .cfg
+            .agent
+            .as_ref()
+            .map_or(Duration::ZERO, |a| a.drain_timeout);
         self.cfg
             .shutdown_delay
             .saturating_add(self.cfg.drain_timeout)
+            .saturating_add(agent)
             .saturating_add(Duration::from_secs(5))
     }
 
@@ -81,10 +90,10 @@ impl Pool {
         for id in ids {
             self.stop_worker(id, StopWhy::Drain, now);
         }
-        self.finish_if_empty();
+        self.finish_if_empty(now);
     }
 
-    fn force(&mut self) {
+    fn force(&mut self, now: Instant) {
         let code = match self.phase {
             Phase::Draining { code } | Phase::Killing { code } => code,
             _ => EXIT_CLEAN,
@@ -99,7 +108,11 @@ impl Pool {
             self.killed_any = true;
             self.kill(id, StopWhy::Killed);
         }
-        self.finish_if_empty();
+        for id in self.agent_ids() {
+            self.killed_any = true;
+            self.kill_agent_proc(id, StopWhy::Killed);
+        }
+        self.finish_if_empty(now);
     }
 
     pub(super) fn give_up(&mut self, why: String, now: Instant) {
@@ -113,7 +126,9 @@ impl Pool {
         self.begin_drain(EXIT_GAVE_UP, now);
     }
 
-    pub(super) fn finish_if_empty(&mut self) {
+    /// Once the last worker is gone while stopping: the agent drains; once it is gone too,
+    /// herder exits.
+    pub(super) fn finish_if_empty(&mut self, now: Instant) {
         if !self.workers.is_empty() {
             return;
         }
@@ -121,6 +136,9 @@ impl Pool {
             Phase::Draining { code } | Phase::Killing { code } => code,
             _ => return,
         };
+        if self.stop_agent_after_pool(now) {
+            return;
+        }
         let code = if code == EXIT_CLEAN && self.killed_any {
             EXIT_KILLED
         } else {
@@ -140,8 +158,10 @@ impl Pool {
         while self.slots.len() < target {
             self.slots.push(Slot::new(&self.cfg));
             let slot = self.slots.len() - 1;
-            info!(slot, "scaling up: starting worker {slot}");
-            self.spawn(slot, now);
+            if self.pool_started {
+                info!(slot, "scaling up: starting worker {slot}");
+                self.spawn(slot, now);
+            }
         }
         while self.slots.len() > target {
             let slot = self.slots.len() - 1;
@@ -167,55 +187,74 @@ impl Pool {
 
     /// Asks a worker to drain: `--stop-signal`, SIGKILL after `--drain-timeout`.
     pub(super) fn stop_worker(&mut self, id: WorkerId, why: StopWhy, now: Instant) {
-        let Some(w) = self.workers.get_mut(&id) else {
-            return;
-        };
-        let kill_at = later(now, self.cfg.drain_timeout);
-        match (w.state, w.pid) {
-            (State::Stopping { kill_at: None, .. }, _) => {}
-            (
-                State::Stopping {
-                    why,
-                    kill_at: Some(t),
-                },
-                _,
-            ) => {
-                w.state = State::Stopping {
-                    why,
-                    kill_at: Some(t.min(kill_at)),
-                };
-            }
-            (State::Spawning, _) => {
-                if !matches!(w.stop_when_spawned, Some(Stop::Kill(_))) {
-                    w.stop_when_spawned = Some(Stop::Drain(why));
-                }
-            }
-            (_, None) => {} // reaped: its exit is being handled
-            (_, Some(pid)) => {
-                w.state = State::Stopping {
-                    why,
-                    kill_at: Some(kill_at),
-                };
-                self.out.push(Action::Signal {
-                    pid,
-                    signal: self.cfg.stop_signal,
-                });
-            }
+        let (signal, timeout) = (self.cfg.stop_signal, self.cfg.drain_timeout);
+        if let Some(w) = self.workers.get_mut(&id) {
+            self.out.extend(drain_proc(w, why, signal, timeout, now));
         }
     }
 
     /// SIGKILL to the worker's process group, now.
     pub(super) fn kill(&mut self, id: WorkerId, why: StopWhy) {
-        let Some(w) = self.workers.get_mut(&id) else {
-            return;
-        };
-        match (w.state, w.pid) {
-            (State::Spawning, _) => w.stop_when_spawned = Some(Stop::Kill(why)),
-            (_, None) => {}
-            (_, Some(pid)) => {
-                w.state = State::Stopping { why, kill_at: None };
-                self.out.push(Action::KillGroup { pid });
+        if let Some(w) = self.workers.get_mut(&id) {
+            self.out.extend(kill_proc(w, why));
+        }
+    }
+}
+
+/// Drains one process (a worker or the agent): `signal` now, SIGKILL after `timeout`; one
+/// already stopping keeps the earlier deadline, one still spawning is stopped once it runs.
+/// The action to perform, if any.
+pub(super) fn drain_proc(
+    w: &mut Worker,
+    why: StopWhy,
+    signal: Signal,
+    timeout: Duration,
+    now: Instant,
+) -> Option<Action> {
+    let kill_at = later(now, timeout);
+    match (w.state, w.pid) {
+        (State::Stopping { kill_at: None, .. }, _) => None,
+        (
+            State::Stopping {
+                why,
+                kill_at: Some(t),
+            },
+            _,
+        ) => {
+            w.state = State::Stopping {
+                why,
+                kill_at: Some(t.min(kill_at)),
+            };
+            None
+        }
+        (State::Spawning, _) => {
+            if !matches!(w.stop_when_spawned, Some(Stop::Kill(_))) {
+                w.stop_when_spawned = Some(Stop::Drain(why));
             }
+            None
+        }
+        (_, None) => None, // reaped: its exit is being handled
+        (_, Some(pid)) => {
+            w.state = State::Stopping {
+                why,
+                kill_at: Some(kill_at),
+            };
+            Some(Action::Signal { pid, signal })
+        }
+    }
+}
+
+/// SIGKILL to one process's group, now (once it runs, if it is still spawning).
+pub(super) fn kill_proc(w: &mut Worker, why: StopWhy) -> Option<Action> {
+    match (w.state, w.pid) {
+        (State::Spawning, _) => {
+            w.stop_when_spawned = Some(Stop::Kill(why));
+            None
+        }
+        (_, None) => None,
+        (_, Some(pid)) => {
+            w.state = State::Stopping { why, kill_at: None };
+            Some(Action::KillGroup { pid })
         }
     }
 }

@@ -42,6 +42,8 @@ pub struct PoolConfig {
     /// its slot's own socket before it drains (`None`: drain at once — without `--reuseport`
     /// the socket is shared and nothing is queued for that worker alone).
     pub leave_timeout: Option<Duration>,
+    /// `--agent`: how the one process beside the pool is run.
+    pub agent: Option<super::AgentConfig>,
 }
 
 /// How a worker process ended, as `waitpid(2)` reported it.
@@ -188,6 +190,11 @@ pub enum Action {
     Signal {
         pid: i32,
         signal: Signal,
+    },
+    /// Start the agent process `id` (`--agent`); like [`Action::Spawn`], its result is the
+    /// next event.
+    SpawnAgent {
+        id: WorkerId,
     },
     /// SIGKILL to a live worker's whole process group (its pgid is its pid).
     KillGroup {
@@ -355,6 +362,8 @@ pub struct Counters {
     pub exits: BTreeMap<&'static str, u64>,
     /// Recycles started, by [`RecycleWhy::name`]: `memory`, `lifetime`.
     pub recycles: BTreeMap<&'static str, u64>,
+    /// Restarts of the agent (`--agent`), apart from the pool's.
+    pub agent_restarts: u64,
 }
 
 /// Why a worker is recycled.

@@ -73,6 +73,10 @@ pub struct Supervisor {
     /// When the removed slots' queues of leaving workers are looked at next (`None`: no
     /// worker is leaving, nothing is polled).
     leave_poll: Option<Instant>,
+    /// `--agent`: its command (with the workers' environment and credentials).
+    pub agent_plan: Option<Plan>,
+    /// `--agent-listen`: the socket herder keeps for the agent (its fd 3).
+    pub agent_socket: Option<crate::listen::Listener>,
 }
 
 impl Supervisor {
@@ -98,6 +102,8 @@ impl Supervisor {
             meter: Meter::default(),
             steer: None,
             leave_poll: None,
+            agent_plan: None,
+            agent_socket: None,
             health: None,
             queries_tx,
             queries,
@@ -243,6 +249,7 @@ impl Supervisor {
                     slot,
                     generation: _,
                 } => spawned.push(self.spawn(id, slot)),
+                Action::SpawnAgent { id } => spawned.push(self.spawn_agent(id)),
                 Action::Signal { pid, signal } => {
                     if let Err(e) = kill(Pid::from_raw(pid), signal) {
                         debug!(pid, "cannot send {} to pid {pid}: {e}", signal.as_str());
@@ -308,13 +315,52 @@ impl Supervisor {
             Err(e) => return failed(126, e.to_string(), Blame::Herder),
         };
         let env = WorkerEnv {
-            slot,
+            slot: Some(slot),
             fds: &fds,
             fdnames: self.sockets.fdnames(),
             notify_socket: &sock.address,
             watchdog: self.pool.config().worker_watchdog,
         };
-        match spawn::spawn(&self.plan, &env) {
+        let result = spawn::spawn(&self.plan, &env);
+        self.spawned(id, sock, result)
+    }
+
+    /// Starts the agent: its own command, its socket (if any) at fd 3, `HERDER_AGENT=1`.
+    fn spawn_agent(&mut self, id: WorkerId) -> Event {
+        let failed = |code: i32, reason: String, blame: Blame| Event::SpawnFailed {
+            id,
+            code,
+            reason,
+            blame,
+        };
+        let Some(plan) = self.agent_plan.as_ref() else {
+            return failed(127, "no agent command".into(), Blame::Command);
+        };
+        let fds: Vec<_> = self.agent_socket.iter().map(|l| l.fd.as_raw_fd()).collect();
+        let sock = match self.notify.bind(id) {
+            Ok(s) => s,
+            Err(e) => return failed(126, e.to_string(), Blame::Herder),
+        };
+        let env = WorkerEnv {
+            slot: None,
+            fds: &fds,
+            fdnames: "agent",
+            notify_socket: &sock.address,
+            watchdog: self.pool.config().worker_watchdog,
+        };
+        let result = spawn::spawn(plan, &env);
+        self.spawned(id, sock, result)
+    }
+
+    /// A spawn's outcome as the pool's next event; a process that runs gets its notify
+    /// socket read.
+    fn spawned(
+        &mut self,
+        id: WorkerId,
+        sock: notify::WorkerSocket,
+        result: Result<i32, spawn::SpawnError>,
+    ) -> Event {
+        match result {
             Ok(pid) => {
                 self.up
                     .notify_fds
@@ -323,7 +369,12 @@ impl Supervisor {
                 self.readers.insert(id, tokio::spawn(task));
                 Event::Spawned { id, pid }
             }
-            Err(e) => failed(e.code(), e.to_string(), e.blame()),
+            Err(e) => Event::SpawnFailed {
+                id,
+                code: e.code(),
+                reason: e.to_string(),
+                blame: e.blame(),
+            },
         }
     }
 
@@ -370,6 +421,9 @@ impl Supervisor {
     fn status_doc(&mut self, now: Instant) -> Value {
         let usage = self.meter.report(&self.pool, now);
         let mut doc = status::status_json(&self.pool, &self.sockets, &self.up.record, usage, now);
+        if let (Some(l), true) = (&self.agent_socket, doc["agent"].is_object()) {
+            doc["agent"]["socket"] = json!(l.display);
+        }
         if let Some(s) = &self.steer {
             doc["steering"] = s.report();
             for (i, slot) in doc["slots"]
@@ -390,6 +444,9 @@ impl Supervisor {
         let a = match q.route {
             Route::Livez => Answer::text(200, "ok\n"),
             Route::Readyz if self.pool.is_ready() => Answer::text(200, "ready\n"),
+            Route::Readyz if self.pool.phase == Phase::Running && !self.pool.agent_ok() => {
+                Answer::text(503, "not ready: the agent is not ready\n")
+            }
             Route::Readyz => Answer::text(
                 503,
                 format!("not ready: {}\n", status::herder_state(&self.pool).word()),
@@ -511,7 +568,7 @@ impl Supervisor {
 
     /// Reads the notify socket of a worker an earlier image started (an in-place upgrade).
     pub fn adopt_reader(&mut self, id: WorkerId, sock: notify::WorkerSocket) {
-        let Some(pid) = self.pool.workers.get(&id).and_then(|w| w.pid) else {
+        let Some(pid) = self.pool.pid_of(id) else {
             return; // gone: dropping the socket closes it (and unlinks its file)
         };
         self.up
@@ -531,6 +588,9 @@ impl Supervisor {
             let _ = std::fs::remove_file(p);
         }
         self.sockets.remove_owned_paths();
+        if let Some(l) = &self.agent_socket {
+            l.remove_owned_path();
+        }
         self.notify.remove();
     }
 }

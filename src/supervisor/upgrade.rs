@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
+use std::os::fd::AsRawFd;
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -177,6 +178,13 @@ impl Supervisor {
             health_fd: self.up.health_fd,
             control_fd: self.up.control_fd,
             control_path: self.control_path.clone(),
+            agent_listener: self.agent_socket.as_ref().map(|l| ListenerState {
+                fd: l.fd.as_raw_fd(),
+                name: l.name.clone(),
+                display: l.display.clone(),
+                owned_path: l.owned_path.clone(),
+                reusable: l.reusable,
+            }),
             notify_dir: self.notify.dir().map(|d| d.to_path_buf()),
             notify_prefix: self.notify.prefix().map(str::to_string),
             notify: self
@@ -239,6 +247,8 @@ pub struct Resume {
     pub listen: Vec<crate::listen::ListenSpec>,
     pub health: Option<crate::listen::ListenSpec>,
     pub fd_store: bool,
+    /// `--agent`: the agent's command.
+    pub agent_command: Option<Vec<OsString>>,
 }
 
 /// The new image's setup: the supervisor an earlier image handed over in `state`, with its
@@ -321,7 +331,39 @@ pub fn resume(state: State, r: Resume) -> anyhow::Result<Supervisor> {
         },
         |c| (c.uid, c.gid),
     );
-    let plan = Plan::new(&r.command, r.creds, nofile).context("preparing the worker command")?;
+    let agent_socket = match &state.agent_listener {
+        Some(l) if is_socket(l.fd) => Some(crate::listen::Listener {
+            // SAFETY: an open socket (checked) the previous image handed to us alone.
+            fd: unsafe { OwnedFd::from_raw_fd(l.fd) },
+            name: l.name.clone(),
+            display: l.display.clone(),
+            owned_path: l.owned_path.clone(),
+            reusable: l.reusable,
+        }),
+        Some(l) => bail!(
+            "upgrade: the agent socket {} (fd {}) did not arrive",
+            l.display,
+            l.fd
+        ),
+        None => None,
+    };
+    let address = agent_socket.as_ref().map(|l| l.display.clone());
+    let agent_plan = match &r.agent_command {
+        Some(cmd) => {
+            let mut p =
+                Plan::new(cmd, r.creds.clone(), nofile).context("preparing the agent command")?;
+            if let Some(a) = &address {
+                p.set_env("HERDER_AGENT_SOCKET", a);
+            }
+            Some(p)
+        }
+        None => None,
+    };
+    let mut plan =
+        Plan::new(&r.command, r.creds, nofile).context("preparing the worker command")?;
+    if let Some(a) = &address {
+        plan.set_env("HERDER_AGENT_SOCKET", a);
+    }
     let notify = NotifySockets::resume(
         state.notify_dir.clone(),
         state.notify_prefix.clone(),
@@ -338,6 +380,8 @@ pub fn resume(state: State, r: Resume) -> anyhow::Result<Supervisor> {
     let pool = Pool::restore(cfg, state.pool.clone(), base, now);
     let slots = pool.slots.len();
     let mut s = Supervisor::new(pool, sockets, plan, manager, uid, notify);
+    s.agent_plan = agent_plan;
+    s.agent_socket = agent_socket;
     // The store still holds what the old image put there; from now on it is kept in step.
     s.fd_store = crate::fdstore::FdStore::resumed(
         state.fdstore.as_deref().map(std::ffi::OsStr::new),

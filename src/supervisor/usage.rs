@@ -38,13 +38,14 @@ pub fn sample(tracker: &mut Tracker, pool: &Pool, now: Instant) -> PoolUsage {
         herder: tracker.sample_own(now),
         ..PoolUsage::default()
     };
+    // The agent's processes count under no slot (u32::MAX).
+    let agent = pool.agent.iter().flat_map(|a| a.procs.values());
     let live: Vec<(u32, u32)> = pool
         .workers
         .values()
-        .filter_map(|w| {
-            let pid = u32::try_from(w.pid?).ok()?;
-            Some((u32::try_from(w.slot).unwrap_or(u32::MAX), pid))
-        })
+        .map(|w| (w, u32::try_from(w.slot).unwrap_or(u32::MAX)))
+        .chain(agent.map(|w| (w, u32::MAX)))
+        .filter_map(|(w, slot)| Some((slot, u32::try_from(w.pid?).ok()?)))
         .collect();
     for &(slot, pid) in &live {
         if let Some(u) = tracker.sample(slot, pid, now) {

@@ -1,7 +1,8 @@
 //! Unit tests of the pure core: events in, actions out, a fake clock, no processes. The
 //! harness is here; the tables of cases are grouped like the core: [`lifecycle`], [`restart`],
-//! [`reload`], [`recycle`], [`stop`], [`leave`].
+//! [`reload`], [`recycle`], [`stop`], [`leave`], [`agent`].
 
+mod agent;
 mod leave;
 mod lifecycle;
 mod recycle;
@@ -33,6 +34,7 @@ fn cfg(workers: usize) -> PoolConfig {
         max_memory: None,
         max_lifetime: None,
         leave_timeout: None,
+        agent: None,
     }
 }
 
@@ -69,7 +71,7 @@ impl H {
         while let Some(e) = queue.pop() {
             let acts = self.pool.handle(e, self.now);
             for a in &acts {
-                if let Action::Spawn { id, .. } = a {
+                if let Action::Spawn { id, .. } | Action::SpawnAgent { id } = a {
                     if self.hold_spawns {
                         self.held.push(*id);
                         continue;

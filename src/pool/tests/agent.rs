@@ -1,0 +1,250 @@
+//! The agent (`--agent`): started first, the pool after it, its own restarts, stopped last.
+
+use super::*;
+
+fn with_agent(workers: usize, ready: ReadyMode, required: bool) -> PoolConfig {
+    let mut c = cfg(workers);
+    c.agent = Some(AgentConfig {
+        ready,
+        required,
+        stop_signal: Signal::SIGINT,
+        drain_timeout: Duration::from_secs(7),
+        reload: false,
+    });
+    c
+}
+
+impl H {
+    /// The pid of the current agent process.
+    fn agent_pid(&self) -> i32 {
+        let a = self.pool.agent.as_ref().expect("an agent");
+        let id = a.current.expect("an agent process");
+        a.procs[&id].pid.expect("spawned")
+    }
+}
+
+fn agent_spawns(acts: &[Action]) -> usize {
+    acts.iter()
+        .filter(|a| matches!(a, Action::SpawnAgent { .. }))
+        .count()
+}
+
+#[test]
+fn the_agent_starts_first_and_the_pool_once_it_is_ready() {
+    let mut h = H::new(with_agent(3, ReadyMode::Notify, false));
+    let acts = h.start();
+    assert_eq!(agent_spawns(&acts), 1);
+    assert_eq!(spawns(&acts), 0, "no worker before the agent is ready");
+    let pid = h.agent_pid();
+    assert!(!h.pool.is_ready());
+    let acts = h.msg(pid, WorkerMsg::Ready);
+    assert_eq!(spawns(&acts), 3, "the pool starts at the agent's READY=1");
+    assert!(
+        manager(&acts).contains(&ManagerMsg::Ready),
+        "exec workers: ready now"
+    );
+    assert!(h.pool.is_ready());
+    assert!(h.status().ends_with("; agent ready"), "{}", h.status());
+}
+
+#[test]
+fn a_failed_first_start_lets_the_pool_start_without_it_unless_required() {
+    let mut h = H::new(with_agent(2, ReadyMode::Notify, false));
+    h.start();
+    let acts = h.exit(h.agent_pid(), CRASH);
+    assert_eq!(spawns(&acts), 2, "the pool starts without the agent");
+    assert!(
+        h.pool.is_ready(),
+        "a non-required agent does not hold readiness"
+    );
+    assert!(
+        h.status()
+            .contains("agent down (exit status 1), restarting"),
+        "{}",
+        h.status()
+    );
+
+    let mut h = H::new(with_agent(2, ReadyMode::Notify, true));
+    h.start();
+    let acts = h.exit(h.agent_pid(), CRASH);
+    assert_eq!(spawns(&acts), 0, "required: the workers wait for the agent");
+    assert!(!h.pool.is_ready());
+    let acts = h.until_deadline();
+    assert_eq!(agent_spawns(&acts), 1, "restarted after the backoff");
+}
+
+#[test]
+fn a_crash_looping_agent_backs_off_and_never_stops_the_pool() {
+    let mut c = with_agent(2, ReadyMode::Notify, false);
+    c.restart_limit = 3;
+    let mut h = H::new(c);
+    h.start();
+    let mut delays = Vec::new();
+    for _ in 0..8 {
+        let before = h.now;
+        h.exit(h.agent_pid(), CRASH);
+        let acts = h.until_deadline();
+        assert_eq!(agent_spawns(&acts), 1);
+        delays.push(h.now - before);
+    }
+    assert!(delays.windows(2).all(|w| w[1] >= w[0]), "{delays:?}");
+    assert!(delays[4] > delays[0], "the backoff grows: {delays:?}");
+    assert_eq!(
+        h.pool.phase,
+        Phase::Running,
+        "no give-up without --agent-required"
+    );
+    assert_eq!(h.pool.counters.agent_restarts, 8);
+    assert_eq!(h.pool.counters.restarts, 0, "outside the pool's budget");
+    assert!(h.pool.is_ready());
+}
+
+#[test]
+fn a_required_agent_that_keeps_failing_gives_up() {
+    let mut c = with_agent(2, ReadyMode::Notify, true);
+    c.restart_limit = 3;
+    let mut h = H::new(c);
+    h.start();
+    let mut code = None;
+    for _ in 0..6 {
+        let acts = h.exit(h.agent_pid(), CRASH);
+        code = exit_code(&acts);
+        if code.is_some() {
+            break;
+        }
+        h.until_deadline();
+    }
+    assert_eq!(code, Some(EXIT_GAVE_UP));
+    assert!(h
+        .pool
+        .gave_up
+        .as_deref()
+        .unwrap_or("")
+        .contains("the agent was restarted"));
+    assert!(h.pool.workers.is_empty(), "never started a worker");
+}
+
+#[test]
+fn an_agent_that_served_is_restarted_at_once() {
+    let mut h = H::new(with_agent(1, ReadyMode::Exec, false));
+    h.start();
+    let pid = h.agent_pid();
+    h.advance(Duration::from_secs(5));
+    let acts = h.exit(pid, ExitStatus::Signal(9));
+    assert_eq!(agent_spawns(&acts), 1);
+    assert_ne!(h.agent_pid(), pid);
+    assert_eq!(spawns(&acts), 0, "the pool is untouched");
+}
+
+#[test]
+fn stop_drains_the_pool_first_then_the_agent() {
+    let mut h = H::new(with_agent(2, ReadyMode::Exec, false));
+    h.start();
+    let agent = h.agent_pid();
+    let workers = h.pids();
+    let acts = h.req(Request::Stop);
+    let sent = signals(&acts);
+    assert!(
+        sent.iter().all(|&(p, _)| p != agent),
+        "not the agent yet: {sent:?}"
+    );
+    assert_eq!(sent.len(), 2);
+    let acts = h.exit(workers[0], TERMED);
+    assert!(signals(&acts).is_empty());
+    let acts = h.exit(workers[1], TERMED);
+    assert_eq!(
+        signals(&acts),
+        vec![(agent, Signal::SIGINT)],
+        "--agent-stop-signal"
+    );
+    assert_eq!(exit_code(&acts), None, "herder waits for the agent");
+    // --agent-drain-timeout: SIGKILL after 7 s.
+    let acts = h.until_deadline();
+    assert_eq!(kills(&acts), vec![agent]);
+    let acts = h.exit(agent, ExitStatus::Signal(9));
+    assert_eq!(exit_code(&acts), Some(EXIT_KILLED));
+}
+
+#[test]
+fn an_agent_that_exits_while_the_pool_drains_is_not_restarted() {
+    let mut h = H::new(with_agent(1, ReadyMode::Exec, false));
+    h.start();
+    let (agent, worker) = (h.agent_pid(), h.pid(0));
+    h.req(Request::Stop);
+    let acts = h.exit(agent, CRASH);
+    assert_eq!(agent_spawns(&acts), 0);
+    let acts = h.exit(worker, TERMED);
+    assert_eq!(exit_code(&acts), Some(EXIT_CLEAN));
+}
+
+#[test]
+fn a_forced_stop_kills_the_agent_too() {
+    let mut h = H::new(with_agent(1, ReadyMode::Exec, false));
+    h.start();
+    let agent = h.agent_pid();
+    let acts = h.req(Request::ForceStop);
+    assert!(kills(&acts).contains(&agent));
+}
+
+#[test]
+fn signals_are_forwarded_to_the_agent_too() {
+    let mut h = H::new(with_agent(1, ReadyMode::Exec, false));
+    h.start();
+    let agent = h.agent_pid();
+    let acts = h.req(Request::Forward(Signal::SIGUSR1));
+    assert!(signals(&acts).contains(&(agent, Signal::SIGUSR1)));
+}
+
+#[test]
+fn agent_reload_replaces_it_after_the_pool_has_rolled() {
+    let mut c = with_agent(1, ReadyMode::Notify, false);
+    c.agent.as_mut().unwrap().reload = true;
+    let mut h = H::new(c);
+    h.start();
+    let old = h.agent_pid();
+    h.msg(old, WorkerMsg::Ready);
+    // (exec workers: the new one is ready at once, and the reload is done in this turn.)
+    let acts = h.req(Request::Reload);
+    let worker = acts.iter().position(|a| matches!(a, Action::Spawn { .. }));
+    let agent = acts
+        .iter()
+        .position(|a| matches!(a, Action::SpawnAgent { .. }));
+    assert!(
+        worker < agent && worker.is_some(),
+        "the pool rolls first: {acts:?}"
+    );
+    let a = h.pool.agent.as_ref().unwrap();
+    let next = a.next.expect("a new agent once the pool has rolled");
+    let new = a.procs[&next].pid.unwrap();
+    assert_eq!(
+        h.agent_pid(),
+        old,
+        "the old agent serves until the new one is ready"
+    );
+    let acts = h.msg(new, WorkerMsg::Ready);
+    assert_eq!(signals(&acts), vec![(old, Signal::SIGINT)]);
+    assert_eq!(h.agent_pid(), new);
+    let acts = h.exit(old, ExitStatus::Signal(2));
+    assert_eq!(agent_spawns(&acts), 0, "the old one's exit is expected");
+    assert_eq!(h.pool.counters.agent_restarts, 0);
+}
+
+#[test]
+fn the_agent_crosses_an_upgrade() {
+    let mut h = H::new(with_agent(2, ReadyMode::Exec, false));
+    h.start();
+    let agent = h.agent_pid();
+    h.exit(agent, CRASH);
+    h.until_deadline();
+    let agent = h.agent_pid();
+    let snap = h.pool.snapshot(h.now);
+    let json = serde_json::to_string(&snap).unwrap();
+    let back = serde_json::from_str(&json).unwrap();
+    let cfg = h.pool.config().clone();
+    let pool = Pool::restore(cfg, back, h.now, h.now);
+    let a = pool.agent.as_ref().unwrap();
+    assert_eq!(a.procs[&a.current.unwrap()].pid, Some(agent));
+    assert_eq!(a.restarts, 1);
+    assert_eq!(pool.worker_of_pid(agent), a.current);
+    assert!(pool.is_ready());
+}
