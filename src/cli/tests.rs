@@ -287,3 +287,99 @@ fn the_help_shows_the_variables_and_the_short_about() {
     let short = cmd.render_help().to_string();
     assert_eq!(short.lines().next(), Some(ABOUT));
 }
+
+// The agent's options (src/cli/agent.rs).
+
+#[test]
+fn the_agent_command_is_split_like_a_shell_would() {
+    let cli = parse(&["--agent", r#"python3 "my agent.py" --name a\ b"#, "--", "x"]).unwrap();
+    let words = cli.run.agent.command().unwrap().unwrap();
+    assert_eq!(words, vec!["python3", "my agent.py", "--name", "a b"]);
+    for bad in ["", "   ", "python3 'open"] {
+        let cli = parse(&["--agent", bad, "--", "x"]).unwrap();
+        assert!(cli.run.pool_config(1).is_err(), "{bad:?}");
+    }
+}
+
+#[test]
+fn the_agent_follows_the_pool_unless_told_otherwise() {
+    let cli = parse(&[
+        "--ready",
+        "notify",
+        "--stop-signal",
+        "INT",
+        "--drain-timeout",
+        "9s",
+        "--agent",
+        "a",
+        "--",
+        "x",
+    ])
+    .unwrap();
+    let a = cli.run.pool_config(1).unwrap().agent.unwrap();
+    assert_eq!(a.ready, ReadyMode::Notify);
+    assert_eq!(a.stop_signal, Signal::SIGINT);
+    assert_eq!(a.drain_timeout, Duration::from_secs(9));
+    assert!(!a.required && !a.reload);
+    let cli = parse(&[
+        "--agent",
+        "a",
+        "--agent-ready",
+        "exec",
+        "--agent-stop-signal",
+        "USR2",
+        "--agent-drain-timeout",
+        "2s",
+        "--agent-required",
+        "--agent-reload",
+        "--ready",
+        "notify",
+        "--",
+        "x",
+    ])
+    .unwrap();
+    let a = cli.run.pool_config(1).unwrap().agent.unwrap();
+    assert_eq!(a.ready, ReadyMode::Exec);
+    assert_eq!(a.stop_signal, Signal::SIGUSR2);
+    assert_eq!(a.drain_timeout, Duration::from_secs(2));
+    assert!(a.required && a.reload);
+    assert!(parse(&["--", "x"])
+        .unwrap()
+        .run
+        .pool_config(1)
+        .unwrap()
+        .agent
+        .is_none());
+}
+
+#[test]
+fn agent_options_without_an_agent_or_with_a_datagram_socket_are_refused() {
+    for flags in [
+        &["--agent-listen", "unix:/run/a.sock"][..],
+        &["--agent-required"],
+        &["--agent-reload"],
+        &["--agent-ready", "notify"],
+        &["--agent-stop-signal", "INT"],
+        &["--agent-drain-timeout", "1s"],
+    ] {
+        let args: Vec<&str> = flags.iter().copied().chain(["--", "x"]).collect();
+        let e = parse(&args).unwrap().run.pool_config(1).unwrap_err();
+        assert!(e.ends_with("needs --agent"), "{flags:?}: {e}");
+    }
+    let cli = parse(&[
+        "--agent",
+        "a",
+        "--agent-listen",
+        "udp:127.0.0.1:9",
+        "--",
+        "x",
+    ])
+    .unwrap();
+    assert!(cli
+        .run
+        .pool_config(1)
+        .unwrap_err()
+        .contains("stream socket"));
+    let cli = parse(&["--agent", "a", "--agent-listen", "[::1]:0", "--", "x"]).unwrap();
+    assert!(cli.run.pool_config(1).is_ok());
+}

@@ -24,11 +24,18 @@
 #         killed with SIGKILL under load, systemd restarts it, no connection is refused (and, the
 #         control, with FileDescriptorStoreMax=0 the same kill refuses some); on 257
 #         systemd-analyze fdstore lists herder's sockets by name
+#     [9] an agent (--agent, --agent-listen; agent.service, agent.py): started before the workers,
+#         systemd's "active" waits for it, it runs in the unit's cgroup, systemctl status shows it
+#         and STATUS= says "agent ready", workers reach it; systemctl stop drains every worker
+#         first (a draining worker still gets the agent's answer), then stops the agent; the unit
+#         ends inactive, herder exits 0
 #
 # Usage: tests/systemd/e2e.sh        (as root; or: cargo test --test systemd_e2e)
 # Env:   HERDER_BIN, HERDER_DEMO_BIN  binaries under test (default: target/debug/herder{,-demo})
 #        HERDER_DEB                   install this .deb instead of building one with packaging/build-deb.sh
 #        E2E_SUITES="bookworm trixie" which systems to boot (cold: both rootfs builds run in parallel)
+#        E2E_SECTIONS="8 9"           only these self-contained sections, after the boot and install
+#                                     (default: all)
 #        CI=true                      a machine that cannot run the suite is a failure, not a skip
 # Prints "N passed, N failed"; exit 0 when all passed, 1 on failure, 77 when skipped.
 # Every wait polls for evidence with a deadline; nothing waits on a bare sleep.
@@ -42,6 +49,7 @@ NSPAWN=$here/nspawn.sh
 HERDER_BIN=${HERDER_BIN:-$repo/target/debug/herder}
 HERDER_DEMO_BIN=${HERDER_DEMO_BIN:-$repo/target/debug/herder-demo}
 E2E_SUITES=${E2E_SUITES:-bookworm trixie}
+E2E_SECTIONS=${E2E_SECTIONS:-}   # e.g. "9": after the boot and the install, only these of [8] [9]
 RUN=/run/herder-e2e          # inside the container: client files and the crash-loop flag
 CLIENT=(python3 /opt/e2e/client.py)
 pass=0 fail=0 t_begin=$EPOCHREALTIME
@@ -329,6 +337,132 @@ fd_store_restart() {
     check "systemctl stop store returns 0" ct systemctl stop store.service
 }
 
+# [9] An agent (issue 14): one singleton process beside the pool (agent.service, both played by
+# agent.py). Started before the workers and part of herder's READY=1 and STATUS=; shown by
+# systemctl status; on stop the workers drain first -- a draining worker still reaches the agent --
+# and the agent is stopped after the last worker has exited.
+aprop() { ct systemctl show agent.service -p "$1" --value; }
+# agent_field KEY: a field of the "agent" object in $agent_json (`herder status --json`: pretty,
+# keys sorted, so the agent's own fields are the 4-space lines of the 2-space "agent" block).
+# bookworm's python3-minimal has no json module.
+agent_field() {
+    awk -v k="\"$1\": " '/^  "agent": [{]/ { a = 1; next } a && /^  [}]/ { exit }
+        a && index($0, "    " k) == 1 { v = substr($0, 5 + length(k)); sub(/,$/, "", v); gsub(/"/, "", v); print v; exit }' <<<"$agent_json"
+}
+# line_of REGEX TEXT: the number of TEXT's first line matching REGEX (grep -E); empty if none
+line_of() { grep -nE -m1 "$1" <<<"$2" | cut -d: -f1; }
+agent_beside_pool() {
+    echo "-- [9] an agent beside the pool: started first, in READY=1 and STATUS=, stopped after the last worker"
+    if ! grep -q -- '--agent' <<<"$(ct herder --help 2>&1)"; then
+        bad "herder --help mentions --agent ($(ct herder --version) has no agent)"
+        return
+    fi
+    local failed_before=$fail
+    agent_section
+    if [ "$fail" != "$failed_before" ]; then
+        echo "-- [9] failed: agent.service's journal (last 40 lines)"
+        ct journalctl -u agent.service --no-pager -n 40 | sed 's/^/   /'
+    fi
+}
+agent_section() {
+    copy_in "$here/e2e-agent.service" /etc/systemd/system/agent.service
+    ct systemctl daemon-reload
+    check "systemctl start agent (herder --agent ... --agent-listen unix:/run/agent/agent.sock)" ct systemctl start agent.service
+    local main started_us active_us
+    main=$(aprop MainPID) started_us=$(aprop ExecMainStartTimestampMonotonic) active_us=$(aprop ActiveEnterTimestampMonotonic)
+    check "active only once the agent was ready too: $(((${active_us:-0} - ${started_us:-0}) / 1000)) ms after exec (the agent takes 500)" \
+        test "$(aprop ActiveState)" = active -a $((${active_us:-0} - ${started_us:-0})) -ge 500000
+
+    local agent_json apid state sock
+    agent_json=$(ct herder status --json --control /run/agent/herder.sock 2>&1)
+    apid=$(agent_field pid) state=$(agent_field state) sock=$(agent_field socket)
+    check "herder status --json: the agent (pid $apid) is $state, on $sock" \
+        test "$state/$sock" = ready/unix:/run/agent/agent.sock
+    [[ $apid =~ ^[0-9]+$ ]] || { bad "herder status --json names the agent's pid"; sed 's/^/        /' <<<"$agent_json" | head -40; return; }
+    local j0
+    j0=$(ct journalctl -u agent.service --no-pager -o cat)
+    start_order() {
+        local a r p
+        a=$(line_of '^starting the agent' "$j0") r=$(line_of "^agent \(pid $apid\) ready" "$j0")
+        p=$(line_of '^worker [0-9]+ \(pid [0-9]+\) spawned' "$j0")
+        [ -n "$a" ] && [ -n "$r" ] && [ -n "$p" ] && [ "$a" -lt "$r" ] && [ "$r" -lt "$p" ]
+    }
+    check "the journal: 'starting the agent', then 'agent (pid $apid) ready', then the first worker spawned" start_order
+    in_cgroup() {
+        [ "$(ct ps -o ppid= -p "$apid" | tr -d ' ')" = "$main" ] &&
+            ct grep -qx "$apid" /sys/fs/cgroup/system.slice/agent.service/cgroup.procs
+    }
+    check "the agent is herder's (MainPID $main) child, in agent.service's cgroup" in_cgroup
+    local env
+    env=$(ct cat /proc/"$apid"/environ | tr '\0' '\n')
+    agent_env() {
+        grep -qx HERDER_AGENT=1 <<<"$env" && grep -qx LISTEN_FDS=1 <<<"$env" && grep -qx LISTEN_FDNAMES=agent <<<"$env" &&
+            grep -qx HERDER_AGENT_SOCKET=unix:/run/agent/agent.sock <<<"$env" && ! grep -q '^HERDER_WORKER=' <<<"$env" &&
+            grep -q '^NOTIFY_SOCKET=.' <<<"$env" && ! grep -qx NOTIFY_SOCKET=/run/systemd/notify <<<"$env"
+    }
+    check "its environment: HERDER_AGENT=1, its socket at fd 3 (LISTEN_FDS=1, LISTEN_FDNAMES=agent), herder's $(grep '^NOTIFY_SOCKET=' <<<"$env"), not systemd's" agent_env
+    local table
+    table=$(ct herder status --control /run/agent/herder.sock 2>&1)
+    check "herder status has the agent's row: '$(grep -m1 '^agent ' <<<"$table" | tr -s ' ')'" grep -qE "^agent +$apid +ready" <<<"$table"
+    local body
+    body=$(ct env E2E_PORT=8083 "${CLIENT[@]}" get / 2>&1)
+    check "a request to the pool is answered by a worker that asked the agent: '$body'" \
+        grep -qE "^pid=[0-9]+ slot=[01] agent=agent pid=$apid n=[0-9]+: " <<<"$body"
+    check "herder's STATUS= says the agent is ready: '$(aprop StatusText)'" grep -q '; agent ready' <<<"$(aprop StatusText)"
+    local st
+    st=$(ct systemctl status agent.service --no-pager --full 2>&1)
+    check "systemctl status shows that STATUS line" grep -qE '^ *Status: ".*; agent ready' <<<"$st"
+    check "... and the agent in the unit's cgroup tree: '$(grep -m1 -oE "[0-9]+ /usr/bin/python3 /opt/e2e/agent.py agent\$" <<<"$st")'" \
+        grep -qE "(─|-)$apid /usr/bin/python3 /opt/e2e/agent.py agent\$" <<<"$st"
+    sed -n '/CGroup:/,/^$/{/^$/!p}' <<<"$st" | sed 's/^/        /'
+
+    local workers_now t took
+    workers_now=$(ct pgrep -P "$main" -f 'agent.py worker' | sort -n | tr '\n' ' ') workers_now=${workers_now% }
+    t=$EPOCHREALTIME
+    check "systemctl stop agent returns 0" ct systemctl stop agent.service
+    took=$(elapsed "$t")
+    check "the unit ends inactive, not failed (ActiveState=$(aprop ActiveState), Result=$(aprop Result), herder's status $(aprop ExecMainStatus); ${took}s)" \
+        test "$(aprop ActiveState)/$(aprop Result)/$(aprop ExecMainStatus)" = inactive/success/0
+    check "no process of the unit is left (herder $main, agent $apid, workers $workers_now)" \
+        ct sh -c 'for p; do [ ! -d /proc/$p ] || exit 1; done' sh "$main" "$apid" $workers_now
+    local j
+    # herder's lines come by the native journal protocol, the workers' and the agent's by stderr:
+    # wait until both kinds are in
+    stop_logged() {
+        j=$(ct journalctl -u agent.service --no-pager -o cat)
+        grep -q 'pool stopped: herder exits with status 0' <<<"$j" && grep -q 'e2e agent (pid [0-9]*): SIGTERM' <<<"$j" &&
+            [ "$(grep -c 'e2e worker [01] (pid [0-9]*) draining' <<<"$j")" -ge "$(wc -w <<<"$workers_now")" ]
+    }
+    wait_for 10 stop_logged
+    stop_order() {
+        local w n last=0 d e
+        [ -n "$workers_now" ] || return 1
+        for w in $workers_now; do
+            n=$(line_of "^worker [01] \(pid $w\) exited with status 0" "$j")
+            [ -n "$n" ] || return 1
+            [ "$n" -lt "$last" ] || last=$n
+        done
+        d=$(line_of '^pool drained: stopping the agent' "$j") e=$(line_of "^agent \(pid $apid\) exited with status 0" "$j")
+        [ -n "$d" ] && [ -n "$e" ] && [ "$last" -lt "$d" ] && [ "$d" -lt "$e" ]
+    }
+    check "stop order in the journal: every worker's exit (status 0), then 'pool drained: stopping the agent', then 'agent (pid $apid) exited with status 0'" stop_order
+    drained_with_agent() {
+        local w
+        for w in $workers_now; do
+            grep -qE "^e2e worker [01] \(pid $w\) draining: the agent answered 'agent pid=$apid n=[0-9]+: " <<<"$j" || return 1
+        done
+    }
+    check "each worker reached the agent while it drained (after its SIGTERM)" drained_with_agent
+    grep -E "^(worker [01] \(pid [0-9]+\) exited|pool drained|agent \(pid|e2e (worker|agent)|pool stopped)" <<<"$j" |
+        grep -vE 'spawned|ready$' | sed 's/^/        /'
+}
+
+# Only some sections (E2E_SECTIONS): the self-contained ones, after the boot and the install.
+selected_sections() {
+    [[ " $E2E_SECTIONS " != *" 8 "* ]] || fd_store_restart
+    [[ " $E2E_SECTIONS " != *" 9 "* ]] || agent_beside_pool
+}
+
 # ------------------------------------------------------------------------------------------ bookworm
 suite_bookworm() {
     echo "== bookworm: Type=notify, ExecReload=herder reload --wait"
@@ -336,6 +470,7 @@ suite_bookworm() {
     install_units
     ct systemctl daemon-reload
     check "systemd-analyze verify app.socket app.service" ct systemd-analyze verify --man=no app.socket app.service
+    [ -z "$E2E_SECTIONS" ] || { selected_sections; return; }
 
     echo "-- [1] socket activation, readiness, STATUS=, several workers"
     check "systemctl start app.socket" ct systemctl start app.socket
@@ -499,6 +634,7 @@ suite_bookworm() {
     check "... and its slot has a new worker" wait_for 15 replaced
     upgrade_in_place
     fd_store_restart
+    agent_beside_pool
 }
 
 # ------------------------------------------------------------------------------------------ trixie
@@ -514,6 +650,7 @@ suite_trixie() {
     ct systemctl daemon-reload
     check "systemd-analyze verify app.socket app.service" ct systemd-analyze verify --man=no app.socket app.service
     check "Type=notify-reload is in effect" test "$(prop Type)" = notify-reload
+    [ -z "$E2E_SECTIONS" ] || { selected_sections; return; }
 
     echo "-- [6] socket activation and a synchronous reload"
     check "systemctl start app.socket" ct systemctl start app.socket
@@ -536,6 +673,7 @@ suite_trixie() {
     check "MainPID unchanged by the reload" test "$(prop MainPID)" = "$main"
     upgrade_in_place
     fd_store_restart
+    agent_beside_pool
     check "systemctl stop app returns 0" ct systemctl stop app.service
     check "herder exited 0 after the drain (Result=$(prop Result), status $(prop ExecMainStatus))" \
         test "$(prop Result)/$(prop ExecMainStatus)" = success/0
