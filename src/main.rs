@@ -330,8 +330,10 @@ fn setup(
     Ok(s)
 }
 
-/// `--agent-listen`: the socket, bound once for herder's whole life. A unix path belongs to
-/// the workers' user (`--user`), who must be able to connect to it.
+/// `--agent-listen`: the socket, bound once for herder's whole life. A unix path is mode 0660
+/// (bound under umask 0117: no moment at which another user could connect; setup is
+/// single-threaded, so the umask change races nothing) and belongs to the workers' user and
+/// group (`--user`), who must be able to connect to it.
 fn bind_agent_socket(
     args: &cli::RunArgs,
     (uid, gid): (u32, u32),
@@ -340,7 +342,10 @@ fn bind_agent_socket(
     let Some(spec) = args.agent.listen().map_err(anyhow::Error::msg)? else {
         return Ok(None);
     };
-    let l = listen::bind(&spec, false).context("--agent-listen")?;
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o117));
+    let bound = listen::bind(&spec, false);
+    nix::sys::stat::umask(old);
+    let l = bound.context("--agent-listen")?;
     if let (Some(path), true) = (&l.owned_path, switching_user) {
         std::os::unix::fs::chown(path, Some(uid), Some(gid))
             .with_context(|| format!("--agent-listen: cannot give {} to --user", path.display()))?;
