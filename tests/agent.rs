@@ -259,6 +259,14 @@ fn the_agent_is_ready_before_any_worker_starts() {
         );
     }
 
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&sock).unwrap().permissions());
+    assert_eq!(
+        mode & 0o777,
+        0o660,
+        "the agent's unix socket: the workers' uid and group only"
+    );
+
     // The pool reaches the agent; herder says so everywhere.
     let body = get(pool, "/agent").expect("GET /agent");
     assert!(body.starts_with(&format!("agent {pid} ")), "{body}");
@@ -865,6 +873,12 @@ fn the_agent_gets_its_socket_and_environment_and_none_of_the_pools_sockets() {
         .find(|l| l.split_whitespace().next() == Some("agent"))
         .unwrap_or_else(|| panic!("no agent row:\n{table}"));
     assert!(row.contains(&pid.to_string()), "{row}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.trim() == format!("agent socket: {addr}")),
+        "{table}"
+    );
     let doc = status(health);
     assert_eq!(doc["agent"]["socket"], addr.as_str(), "{doc}");
     assert_eq!(doc["agent"]["pid"], pid, "{doc}");
