@@ -65,7 +65,7 @@ fn status(health: SocketAddr) -> serde_json::Value {
     serde_json::from_str(&body).expect("/status is JSON")
 }
 
-/// The number after `prefix` in `line`: `pid_after("agent (pid 12) ready", "(pid ")` is 12.
+/// The number after `prefix` in `line`: `num_after("agent (pid 12) ready", "(pid ")` is 12.
 fn num_after(line: &str, prefix: &str) -> i64 {
     let start = line
         .find(prefix)
