@@ -1,7 +1,8 @@
 //! Attacks on the worker notify channel by someone who is not the worker: a second local uid
 //! (`setpriv` to nobody) and a process in another pid namespace. The channel belongs to the
 //! worker: nobody else can deliver a message, claim a socket's name, or leave herder holding
-//! an fd. Each test also passes against a build where the attack works only if it cannot
+//! an fd. The same for the agent (`--agent`): its notify socket, and its `--agent-listen` unix
+//! socket, which only the workers' user and group may connect to. Each test also passes against a build where the attack works only if it cannot
 //! fail, so each was checked against the previous herder (HERDER_TEST_BIN): see the notes in
 //! each test.
 //!
@@ -409,6 +410,94 @@ fn workers_of_another_uid_own_their_socket_and_reach_it() {
         let dir = std::fs::metadata(std::path::Path::new(&ns).parent().unwrap()).unwrap();
         assert_eq!((dir.uid(), dir.mode() & 0o777), (0, 0o711), "{ns}");
     }
+    h.signal(libc::SIGTERM);
+    assert_eq!(h.wait_exit(LONG).code(), Some(0));
+}
+
+/// Connects, as the uid running it, to a unix stream socket; prints what happened.
+const CONNECT: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+try:
+    s.connect(sys.argv[1])
+    print("connected", flush=True)
+except PermissionError:
+    print("refused", flush=True)
+"#;
+
+/// herder with an agent on a unix socket in a directory anyone may search, started under
+/// umask 000 (so that the socket's mode is herder's choice, not the umask's).
+fn herder_with_agent(dir: &std::path::Path, extra: &[&str]) -> (Herder, String) {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = dir.join("agent.sock").display().to_string();
+    let listen = format!("unix:{path}");
+    let mut args = vec![
+        "-w",
+        "1",
+        "--agent",
+        "sh -c 'exec sleep 600'",
+        "--agent-listen",
+        &listen,
+    ];
+    args.extend(extra);
+    let mut cmd = herder_cmd(&args, &["sleep", "600"]);
+    // SAFETY: umask(2) is async-signal-safe and touches only the child.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::umask(0);
+            Ok(())
+        });
+    }
+    let mut h = Herder::spawn(cmd);
+    h.wait_line(&["pool ready"], LONG);
+    (h, path)
+}
+
+#[test]
+fn another_uid_can_neither_connect_to_the_agent_nor_send_to_its_notify_socket() {
+    // On the herder before the agent socket was bound under umask 0117, the socket took its
+    // mode from herder's umask: under umask 000 (mode 0777) nobody connected.
+    if !prerequisites() {
+        return;
+    }
+    let dir = TempDir::new("atk-agent");
+    let (mut h, path) = herder_with_agent(dir.path(), &[]);
+    let agent: i32 = field(&h.wait_line(&["agent (pid", "spawned"], LONG), "pid")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let out = as_nobody(CONNECT, &[&path]);
+    assert!(out.contains("refused"), "nobody reached the agent: {out}");
+    let ns = notify_socket_of(agent);
+    let before = fd_count(h.pid());
+    let out = as_nobody(FORGE_WITH_FDS, &[&ns]);
+    assert!(out.contains("sent 0 refused 10"), "{out}");
+    assert_eq!(fd_count(h.pid()), before);
+    assert!(
+        alive(agent),
+        "the forged WATCHDOG=trigger and STOPPING=1 did nothing"
+    );
+    assert_eq!(h.count(&["agent restarting"]), 0);
+    h.signal(libc::SIGTERM);
+    assert_eq!(h.wait_exit(LONG).code(), Some(0));
+}
+
+#[test]
+fn the_workers_user_reaches_the_agent_socket() {
+    // The other side of the test above: with --user nobody the socket is nobody's, so the
+    // refusal there is the mode's doing, not the directory's or the attacker's.
+    if !prerequisites() {
+        return;
+    }
+    let dir = TempDir::new("atk-agent-user");
+    let (mut h, path) = herder_with_agent(dir.path(), &["--user", "nobody"]);
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(&path).unwrap();
+    assert_eq!((meta.uid(), meta.mode() & 0o777), (65534, 0o660), "{path}");
+    let out = as_nobody(CONNECT, &[&path]);
+    assert!(out.contains("connected"), "{out}");
     h.signal(libc::SIGTERM);
     assert_eq!(h.wait_exit(LONG).code(), Some(0));
 }
