@@ -248,3 +248,59 @@ fn the_agent_crosses_an_upgrade() {
     assert_eq!(pool.worker_of_pid(agent), a.current);
     assert!(pool.is_ready());
 }
+
+#[test]
+fn an_agent_that_misses_its_watchdog_is_aborted_and_restarted() {
+    let mut c = with_agent(1, ReadyMode::Exec, false);
+    c.worker_watchdog = Some(Duration::from_secs(2));
+    let mut h = H::new(c);
+    h.start();
+    let (agent, worker) = (h.agent_pid(), h.pid(0));
+    h.advance(Duration::from_secs(1));
+    h.msg(worker, WorkerMsg::Watchdog);
+    h.msg(agent, WorkerMsg::Watchdog);
+    let acts = h.advance(Duration::from_millis(1500));
+    assert!(signals(&acts).is_empty(), "pinged in time: {acts:?}");
+    h.msg(worker, WorkerMsg::Watchdog);
+    let acts = h.advance(Duration::from_millis(1000));
+    assert_eq!(signals(&acts), vec![(agent, Signal::SIGABRT)]);
+    let mut killed = Vec::new();
+    for _ in 0..5 {
+        h.msg(worker, WorkerMsg::Watchdog);
+        killed.extend(kills(&h.advance(Duration::from_secs(1))));
+    }
+    assert_eq!(killed, vec![agent], "SIGKILL after the abort grace");
+    let acts = h.exit(agent, ExitStatus::Signal(9));
+    assert_eq!(agent_spawns(&acts), 1, "it had served: restarted at once");
+    assert_eq!(h.pool.counters.restarts, 0);
+}
+
+#[test]
+fn a_required_agent_that_dies_makes_the_pool_not_ready_until_it_is_back() {
+    let mut h = H::new(with_agent(1, ReadyMode::Notify, true));
+    h.start();
+    h.msg(h.agent_pid(), WorkerMsg::Ready);
+    assert!(h.pool.is_ready());
+    h.advance(Duration::from_secs(2));
+    h.exit(h.agent_pid(), CRASH);
+    assert!(!h.pool.is_ready(), "required: not ready without it");
+    assert!(h.pool.ready_count() == 1, "the pool itself still serves");
+    h.msg(h.agent_pid(), WorkerMsg::Ready);
+    assert!(h.pool.is_ready());
+}
+
+#[test]
+fn stopping_from_an_agent_that_served_starts_its_replacement() {
+    let mut h = H::new(with_agent(1, ReadyMode::Notify, false));
+    h.start();
+    let old = h.agent_pid();
+    h.msg(old, WorkerMsg::Ready);
+    h.advance(Duration::from_secs(2));
+    let acts = h.msg(old, WorkerMsg::Stopping);
+    assert_eq!(agent_spawns(&acts), 1);
+    let new = h.agent_pid();
+    assert_ne!(new, old);
+    let acts = h.exit(old, ExitStatus::Code(0));
+    assert_eq!(agent_spawns(&acts), 0, "its exit was announced");
+    assert_eq!(h.pool.counters.agent_restarts, 0);
+}
