@@ -13,7 +13,7 @@ Knobs (environment):
   AGENT_SLOW_START_FILE when this file exists at start, wait 1 s before accepting anything
                         (connections queue in the kernel meanwhile), then go on as usual
   AGENT_READY_GATE      wait until this file exists before READY=1 (after the delay, if any)
-  AGENT_RETIRE_DIR      on SIGUSR1: send STOPPING=1, accept nothing more, and exit 0 once the
+  AGENT_RETIRE_DIR      on SIGUSR1: accept nothing more, send STOPPING=1, and exit 0 once the
                         file retire-<its pid> exists there (an agent retiring on its own)
   AGENT_PAUSE_DIR       once the file pause-<its pid> exists there, accept nothing more; when
                         what it had accepted is answered, log "paused" (what comes later waits
@@ -144,16 +144,17 @@ def main():
                 state["in_flight"] += 1
             threading.Thread(target=serve, args=(conn,), daemon=True).start()
 
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # The handlers only set flags that the main thread polls: a handler that took a lock (as
+    # threading.Event.set does) could deadlock against the main thread holding it, and a
+    # main thread blocked for long would see a signal another thread received only late.
+    flags = {"stop": False, "retire": False}
+    signal.signal(signal.SIGTERM, lambda *_: flags.update(stop=True))
     retire_dir = os.environ.get("AGENT_RETIRE_DIR")
-    retire = threading.Event()
 
     def on_usr1(*_):
         log("got SIGUSR1")
         if retire_dir:
-            retire.set()
-            stop.set()
+            flags.update(retire=True, stop=True)
 
     signal.signal(signal.SIGUSR1, on_usr1)
     signal.signal(signal.SIGUSR2, lambda *_: log("got SIGUSR2"))
@@ -180,14 +181,16 @@ def main():
     t = mono_ns()
     sent = notify("READY=1")
     log(f"ready mono_ns={t} notified={sent}")
-    while not stop.wait(3600):
-        pass
+    while not flags["stop"]:
+        time.sleep(0.05)
     state["stopping"] = True
-    if retire.is_set():
-        notify("STOPPING=1")
-        log("retiring: sent STOPPING=1, accepting nothing more")
+    if flags["retire"]:
+        # Accept nothing more first, then say so: what comes after waits in the kernel's
+        # queue for the replacement.
         acceptor.join(5)
         wait_idle()
+        notify("STOPPING=1")
+        log("retiring: accepting nothing more, sent STOPPING=1")
         release = os.path.join(retire_dir, f"retire-{PID}")
         while not os.path.exists(release):
             time.sleep(0.01)

@@ -121,8 +121,9 @@ def main():
         log(f"start-up agent request failed: {e!r}")
 
     lsock = socket.socket(fileno=3)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # The handler only sets a flag the main thread polls (see agent.py for why).
+    flags = {"stop": False}
+    signal.signal(signal.SIGTERM, lambda *_: flags.update(stop=True))
     # herder forwards USR1 and USR2 to the workers and to the agent.
     signal.signal(signal.SIGUSR1, lambda *_: log("got SIGUSR1"))
     signal.signal(signal.SIGUSR2, lambda *_: log("got SIGUSR2"))
@@ -143,7 +144,7 @@ def main():
     lsock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, 50_000))
 
     def accept_loop():
-        while not stop.is_set():
+        while not flags["stop"]:
             try:
                 conn, _ = lsock.accept()
             except BlockingIOError:
@@ -166,8 +167,8 @@ def main():
         n = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         n.sendto(b"READY=1", addr)
         n.close()
-    while not stop.wait(3600):
-        pass
+    while not flags["stop"]:
+        time.sleep(0.05)
     # Draining: no new connections, the ones accepted are answered; the agent must still
     # answer too.
     acceptor.join(5)
