@@ -60,7 +60,7 @@ pub struct AgentArgs {
     pub agent_drain_timeout: Option<Duration>,
 
     /// `herder reload` (HUP) also replaces the agent, once the pool has rolled: the new one
-    /// starts on the same socket, then the old one drains.
+    /// starts on the same socket, then the old one drains; the reload ends when it is ready.
     #[arg(long, env = "HERDER_AGENT_RELOAD", value_parser = BoolishValueParser::new())]
     pub agent_reload: bool,
 }

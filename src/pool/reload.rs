@@ -1,7 +1,8 @@
 //! The rolling reload (HUP, `herder reload`): slot by slot, `--reload-surge` at a time, a new
 //! generation's worker starts beside the old one; once it is ready the old one drains. A new
 //! worker that fails before it is ready abandons the reload and the old generation keeps
-//! serving; a newer reload starts over with the newest generation.
+//! serving; a newer reload starts over with the newest generation. With `--agent-reload` the
+//! agent is replaced last, and the reload ends when the new agent is ready (src/pool/agent.rs).
 
 use std::time::Instant;
 
@@ -25,6 +26,7 @@ impl Pool {
         }
         self.reloading = true;
         self.recycle_superseded();
+        self.supersede_agent_reload();
         // A reload already under way starts over with the newest generation: its
         // not-yet-ready workers are pointless now.
         for slot in 0..self.slots.len() {
@@ -60,7 +62,8 @@ impl Pool {
             }
         }
         let pending = (0..self.slots.len()).any(|i| self.slots[i].next.is_some() || self.stale(i));
-        if !pending {
+        // The pool has rolled: with --agent-reload, the agent's turn comes before the end.
+        if !pending && !self.agent_reload_pending(now) {
             self.reloading = false;
             self.last_reload = Some(ReloadOutcome::Succeeded {
                 generation: self.generation,
@@ -77,7 +80,6 @@ impl Pool {
                 self.announced_ready = true;
                 self.manager.push(ManagerMsg::Ready);
             }
-            self.reload_agent(now);
         }
     }
 

@@ -75,6 +75,14 @@ fn agent_reload_replaces_the_agent_once_the_pool_has_rolled() {
         "the pool rolled, then a new agent, then the old one stopped:\n{}",
         lines.join("\n")
     );
+    // The reload (and so `reload --wait`, and READY=1 under Type=notify-reload) ends with the
+    // new agent ready, not when the pool has rolled.
+    let complete = position(&lines, "reload complete", |l| l.contains("reload complete"));
+    assert!(
+        new_ready < complete,
+        "the reload ended after the new agent was ready:\n{}",
+        lines.join("\n")
+    );
     assert!(get(pool, "/agent")
         .unwrap()
         .starts_with(&format!("agent {new} ")));

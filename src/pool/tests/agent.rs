@@ -221,8 +221,22 @@ fn agent_reload_replaces_it_after_the_pool_has_rolled() {
         old,
         "the old agent serves until the new one is ready"
     );
+    assert!(h.pool.reloading, "the reload ends with the agent's");
+    assert!(
+        !manager(&acts).contains(&ManagerMsg::Ready),
+        "no READY=1 yet"
+    );
     let acts = h.msg(new, WorkerMsg::Ready);
     assert_eq!(signals(&acts), vec![(old, Signal::SIGINT)]);
+    assert!(!h.pool.reloading);
+    assert!(
+        manager(&acts).contains(&ManagerMsg::Ready),
+        "READY=1 ends the reload"
+    );
+    assert_eq!(
+        h.pool.last_reload,
+        Some(ReloadOutcome::Succeeded { generation: 2 })
+    );
     assert_eq!(h.agent_pid(), new);
     let acts = h.exit(old, ExitStatus::Signal(2));
     assert_eq!(agent_spawns(&acts), 0, "the old one's exit is expected");
@@ -303,4 +317,74 @@ fn stopping_from_an_agent_that_served_starts_its_replacement() {
     let acts = h.exit(old, ExitStatus::Code(0));
     assert_eq!(agent_spawns(&acts), 0, "its exit was announced");
     assert_eq!(h.pool.counters.agent_restarts, 0);
+}
+
+fn agent_reload_cfg() -> PoolConfig {
+    let mut c = with_agent(1, ReadyMode::Notify, false);
+    c.agent.as_mut().unwrap().reload = true;
+    c
+}
+
+/// The pool rolled; the new agent (its pid) is starting.
+fn reloaded_to_the_agent(h: &mut H) -> i32 {
+    h.start();
+    h.msg(h.agent_pid(), WorkerMsg::Ready);
+    h.req(Request::Reload);
+    let a = h.pool.agent.as_ref().unwrap();
+    a.procs[&a.next.expect("a new agent")].pid.unwrap()
+}
+
+#[test]
+fn a_new_agent_that_fails_fails_the_reload_and_the_old_one_goes_on() {
+    let mut h = H::new(agent_reload_cfg());
+    let new = reloaded_to_the_agent(&mut h);
+    let old = h.agent_pid();
+    let acts = h.exit(new, CRASH);
+    assert!(signals(&acts).is_empty(), "the old agent is left alone");
+    assert!(!h.pool.reloading);
+    assert!(matches!(
+        h.pool.last_reload,
+        Some(ReloadOutcome::Failed { .. })
+    ));
+    assert_eq!(h.agent_pid(), old);
+    assert_eq!(h.pool.counters.agent_restarts, 0);
+}
+
+#[test]
+fn a_newer_reload_supersedes_the_new_agent() {
+    let mut h = H::new(agent_reload_cfg());
+    let first = reloaded_to_the_agent(&mut h);
+    let acts = h.req(Request::Reload);
+    assert!(kills(&acts).contains(&first), "{acts:?}");
+    let a = h.pool.agent.as_ref().unwrap();
+    assert!(
+        a.next.is_some(),
+        "the newest reload starts its own new agent"
+    );
+    let newest = a.procs[&a.next.unwrap()].pid.unwrap();
+    let acts = h.exit(first, ExitStatus::Signal(9));
+    assert_eq!(agent_spawns(&acts), 0, "the superseded one is forgotten");
+    let acts = h.msg(newest, WorkerMsg::Ready);
+    assert!(!h.pool.reloading);
+    assert!(manager(&acts).contains(&ManagerMsg::Ready));
+    assert_eq!(
+        h.pool.last_reload,
+        Some(ReloadOutcome::Succeeded { generation: 3 })
+    );
+}
+
+#[test]
+fn an_agent_in_backoff_at_the_end_of_a_reload_does_not_hold_it() {
+    let mut h = H::new(agent_reload_cfg());
+    h.start();
+    h.msg(h.agent_pid(), WorkerMsg::Ready);
+    h.exit(h.agent_pid(), CRASH);
+    h.req(Request::Reload);
+    assert!(
+        !h.pool.reloading,
+        "nothing to replace: its next start is of the new generation"
+    );
+    h.until_deadline();
+    let a = h.pool.agent.as_ref().unwrap();
+    assert_eq!(a.procs[&a.current.unwrap()].generation, 2);
 }

@@ -8,17 +8,22 @@
 //! Its processes are [`Worker`]s that belong to no slot, kept apart from the pool's so that no
 //! rule about slots (restarts, reloads, recycling, steering) can touch them; their pids share
 //! the pool's table, so the reaper and the notify sockets treat them alike.
+//!
+//! This file: its configuration and state, starting it, its readiness and messages, stopping
+//! it, `--agent-reload`; [`exits`] what its end means and its deadlines.
+
+mod exits;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 
 use super::stop::{drain_proc, kill_proc};
-use super::{fmt_dur, later, Pool, ABORT_GRACE};
-use super::{Action, Blame, ReadyMode, Reaped, State, Stop, StopWhy, Worker, WorkerId, WorkerMsg};
-use crate::throttle::{backoff, restart_delay, served, Throttle};
+use super::{later, Pool, ABORT_GRACE};
+use super::{Action, ReadyMode, State, Stop, StopWhy, Worker, WorkerId, WorkerMsg};
+use crate::throttle::{served, Throttle};
 
 /// How the agent is run: `--agent-ready`, `--agent-required`, `--agent-stop-signal`,
 /// `--agent-drain-timeout`, `--agent-reload`.
@@ -193,6 +198,9 @@ impl Pool {
         if first && !self.pool_started && self.phase.serving() {
             self.start_pool(now);
         }
+        if self.reloading {
+            self.advance_reload(now);
+        }
         self.announce_if_ready();
     }
 
@@ -331,241 +339,40 @@ impl Pool {
         left
     }
 
-    /// The agent's deadlines: its processes' (ready timeout, watchdog, SIGKILL) and its backoff.
-    pub(super) fn agent_deadlines(&self) -> Vec<Instant> {
-        let Some(agent) = &self.agent else {
-            return Vec::new();
-        };
-        agent
-            .procs
-            .values()
-            .filter_map(|w| self.worker_deadline(w))
-            .chain(agent.backoff_until)
-            .collect()
-    }
-
-    pub(super) fn agent_tick(&mut self, now: Instant) {
-        let Some(agent) = self.agent.as_mut() else {
-            return;
-        };
-        if agent.backoff_until.is_some_and(|t| now >= t) {
-            agent.backoff_until = None;
-            if self.phase.serving() && agent.current.is_none() {
-                self.spawn_agent(now);
-            }
-        }
-        let Some(agent) = &self.agent else {
-            return;
-        };
-        let due: Vec<WorkerId> = agent
-            .procs
-            .iter()
-            .filter(|(_, w)| self.worker_deadline(w).is_some_and(|d| now >= d))
-            .map(|(&id, _)| id)
-            .collect();
-        for id in due {
-            self.agent_due(id, now);
-        }
-    }
-
-    fn agent_due(&mut self, id: WorkerId, now: Instant) {
-        let Some(w) = self.agent.as_ref().and_then(|a| a.procs.get(&id)) else {
-            return;
-        };
-        let pid = w.pid.unwrap_or(0);
-        let watchdog_due = self
-            .cfg
-            .worker_watchdog
-            .is_some_and(|iv| now >= later(w.last_ping, iv));
-        match w.state {
-            State::Starting { deadline } if now >= deadline => {
-                warn!(
-                    pid,
-                    "agent (pid {pid}) not ready within {}: killing it",
-                    fmt_dur(self.cfg.ready_timeout)
-                );
-                self.kill_agent_proc(id, StopWhy::ReadyTimeout);
-            }
-            State::Starting { .. } | State::Ready if watchdog_due => {
-                warn!(
-                    pid,
-                    "agent (pid {pid}) missed its watchdog ({}): aborting it",
-                    fmt_dur(self.cfg.worker_watchdog.unwrap_or_default())
-                );
-                self.agent_watchdog_failed(id, now);
-            }
-            State::Stopping {
-                why,
-                kill_at: Some(t),
-            } if now >= t => {
-                warn!(pid, "agent (pid {pid}) did not exit in time: killing it");
-                if !self.phase.serving() {
-                    self.killed_any = true;
-                }
-                self.kill_agent_proc(id, why);
-            }
-            _ => {}
-        }
-    }
-
-    /// An agent process was reaped (its pid is already forgotten).
-    pub(super) fn agent_reaped(&mut self, id: WorkerId, r: Reaped, now: Instant) {
-        let Some(w) = self.agent.as_ref().and_then(|a| a.procs.get(&id)) else {
-            return;
-        };
-        let expected = matches!(
-            w.state,
-            State::Stopping {
-                why: StopWhy::Drain | StopWhy::Retiring,
-                ..
-            }
-        );
-        let (pid, status) = (r.pid, r.status);
-        let what = status.phrase();
-        if expected {
-            info!(pid, %status, role = "agent", "agent (pid {pid}) {what}");
-        } else {
-            warn!(pid, %status, role = "agent", "agent (pid {pid}) {what}");
-        }
-        if r.group_left {
-            self.stop_leftovers("the agent", pid, now);
-        }
-        self.agent_gone(id, status.to_string(), now);
-    }
-
-    pub(super) fn agent_spawn_failed(
-        &mut self,
-        id: WorkerId,
-        code: i32,
-        reason: String,
-        blame: Blame,
-        now: Instant,
-    ) {
-        if !self.is_agent(id) {
-            return;
-        }
-        match blame {
-            Blame::Command => {
-                error!(code, "cannot start the agent: {reason} (exit {code})");
-                self.agent_gone(id, format!("failed to start: {reason} (exit {code})"), now);
-            }
-            Blame::Herder => {
-                let Some(agent) = self.agent.as_mut() else {
-                    return;
-                };
-                agent.procs.remove(&id);
-                if agent.current == Some(id) {
-                    agent.current = None;
-                }
-                if agent.next == Some(id) {
-                    agent.next = None;
-                }
-                self.counters.resource_failures += 1;
-                if !self.phase.serving() {
-                    return self.finish_if_empty(now);
-                }
-                agent.resource_failures = agent.resource_failures.saturating_add(1);
-                let delay = backoff(agent.resource_failures);
-                agent.backoff_until = Some(later(now, delay));
-                agent.last_exit = Some(format!("herder could not start it: {reason}"));
-                warn!(
-                    "herder cannot start the agent: {reason} (herder's own resources, not the \
-                     agent's fault); retrying in {}",
-                    fmt_dur(delay)
-                );
-            }
-        }
-    }
-
-    /// An agent process no longer exists: restart it (at once if it had served, after the
-    /// backoff if not), give up (`--agent-required`, past the limit), or — stopping — go on.
-    fn agent_gone(&mut self, id: WorkerId, desc: String, now: Instant) {
-        let required = self.agent_cfg().is_some_and(|c| c.required);
-        let serving = self.phase.serving();
-        let Some(agent) = self.agent.as_mut() else {
-            return;
-        };
-        let Some(w) = agent.procs.remove(&id) else {
-            return;
-        };
-        if let Some(pid) = w.pid {
-            self.pids.remove(&pid);
-        }
-        let (is_current, is_next) = (agent.current == Some(id), agent.next == Some(id));
-        if is_current {
-            agent.current = None;
-        }
-        if is_next {
-            agent.next = None;
-        }
-        if !serving {
-            return self.finish_if_empty(now);
-        }
-        if is_next {
-            warn!("agent reload failed: the new agent {desc} before it was ready; the old agent goes on");
-            return;
-        }
-        if !is_current {
-            return; // an old agent that drained (reload) or retired
-        }
-        agent.last_exit = Some(desc.clone());
-        agent.restarts = agent.restarts.saturating_add(1);
-        self.counters.agent_restarts += 1;
-        let allowed = agent.throttle.allow(now);
-        if required && !allowed {
-            let why = format!(
-                "the agent was restarted {} times within {}, more than --restart-limit {}; \
-                 last: {desc}",
-                agent.throttle.recent(now),
-                fmt_dur(agent.throttle.window()),
-                agent.throttle.limit(),
-            );
-            return self.give_up(why, now);
-        }
-        let (failures, delay) = restart_delay(agent.failures, w.spawned_at, w.ready_at, now);
-        agent.failures = failures;
-        let first_failed = !agent.settled;
-        if let Some(next) = agent.next.take() {
-            agent.current = Some(next);
-            info!("agent: its replacement from the reload takes over");
-        } else if delay.is_zero() {
-            info!("agent restarting at once (it had served)");
-            self.spawn_agent(now);
-        } else {
-            agent.backoff_until = Some(later(now, delay));
-            warn!(
-                delay_ms = delay.as_millis() as u64,
-                "agent restarting in {} ms (backoff after {failures} failed start{})",
-                delay.as_millis(),
-                if failures == 1 { "" } else { "s" }
-            );
-        }
-        if first_failed && !required {
-            if let Some(a) = self.agent.as_mut() {
-                a.settled = true;
-            }
-            if !self.pool_started {
-                warn!("agent not ready: starting the pool without it");
-                self.start_pool(now);
-            }
-            self.announce_if_ready();
-        }
-    }
-
-    /// `--agent-reload`, once a reload has rolled the pool: a new agent beside the old one.
-    pub(super) fn reload_agent(&mut self, now: Instant) {
+    /// `--agent-reload`: once a reload has rolled the pool, the agent's turn. `true` while the
+    /// reload must wait for it: a new agent was started now or is still starting; it ends when
+    /// the agent serving is of the reload's generation (or none runs: the next one will be).
+    pub(super) fn agent_reload_pending(&mut self, now: Instant) -> bool {
         let generation = self.generation;
         let wanted = self.agent_cfg().is_some_and(|c| c.reload);
-        let Some(agent) = self.agent.as_mut() else {
-            return;
-        };
         if !wanted || !self.phase.serving() || !self.pool_started {
-            return;
+            return false;
         }
-        agent.generation = generation;
-        if agent.current.is_some() && agent.next.is_none() {
-            info!(generation, "reload: replacing the agent");
+        let Some(agent) = self.agent.as_mut() else {
+            return false;
+        };
+        let Some(current) = agent.current.and_then(|id| agent.procs.get(&id)) else {
+            agent.generation = generation; // restarting: its next start is of this generation
+            return false;
+        };
+        if current.generation >= generation {
+            return false;
+        }
+        if agent.next.is_none() {
+            agent.generation = generation;
+            info!(
+                generation,
+                "reload: the pool has rolled; replacing the agent"
+            );
             self.spawn_agent(now);
+        }
+        true
+    }
+
+    /// A newer reload: the new agent of the previous one is pointless now.
+    pub(super) fn supersede_agent_reload(&mut self) {
+        if let Some(next) = self.agent.as_mut().and_then(|a| a.next.take()) {
+            self.kill_agent_proc(next, StopWhy::Superseded);
         }
     }
 }
