@@ -112,9 +112,9 @@ fn agent_phrase(pool: &Pool) -> Option<String> {
     let phrase = match agent.shown() {
         Some(w) if w.state == State::Ready => "agent ready".to_string(),
         Some(w) => format!("agent {}", worker_state(w)),
-        None if agent.backoff_until.is_some() => format!(
+        None if agent.slot.backoff_until.is_some() => format!(
             "agent down ({}), restarting",
-            agent.last_exit.as_deref().unwrap_or("not started")
+            agent.slot.last_exit.as_deref().unwrap_or("not started")
         ),
         None => "agent stopped".to_string(),
     };
@@ -130,7 +130,7 @@ fn agent_json(pool: &Pool, usage: &PoolUsage, now: Instant) -> Value {
     let shown = agent.shown();
     let state = match shown {
         Some(w) => worker_state(w),
-        None if agent.backoff_until.is_some() => "backoff",
+        None if agent.slot.backoff_until.is_some() => "backoff",
         None => "down",
     };
     let age = shown.map(|w| now.saturating_duration_since(w.spawned_at));
@@ -142,11 +142,11 @@ fn agent_json(pool: &Pool, usage: &PoolUsage, now: Instant) -> Value {
         "socket": Value::Null,
         "generation": shown.map(|w| w.generation),
         "uptime_s": age.map(|a| round(a.as_secs_f64())),
-        "restarts": agent.restarts,
-        "last_exit": agent.last_exit,
-        "backoff_ms": agent.backoff_until.map(|t| t.saturating_duration_since(now).as_millis() as u64),
+        "restarts": agent.slot.restarts,
+        "last_exit": agent.slot.last_exit,
+        "backoff_ms": agent.slot.backoff_until.map(|t| t.saturating_duration_since(now).as_millis() as u64),
         "status": shown.and_then(|w| w.status.clone()),
-        "replacement": agent.next.and_then(|id| agent.procs.get(&id)).map(|w| w.pid),
+        "replacement": agent.slot.next.and_then(|id| agent.procs.get(&id)).map(|w| w.pid),
     });
     usage_fields(
         &mut v,

@@ -93,10 +93,7 @@ impl Pool {
     pub fn new(cfg: PoolConfig, now: Instant) -> Self {
         let next_ping = cfg.manager_watchdog.map(|_| now);
         let workers = cfg.workers.clamp(1, MAX_WORKERS);
-        let agent = cfg
-            .agent
-            .as_ref()
-            .map(|_| Agent::new(cfg.restart_limit, cfg.restart_window));
+        let agent = cfg.agent.as_ref().map(|_| Agent::new(&cfg));
         Pool {
             agent,
             pool_started: false,

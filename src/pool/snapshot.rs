@@ -49,14 +49,8 @@ pub struct PoolSnapshot {
 #[serde(default)]
 pub struct AgentSnapshot {
     pub procs: Vec<WorkerSnapshot>,
-    pub current: Option<u64>,
-    pub next: Option<u64>,
-    pub backoff_until: Option<i64>,
-    pub failures: u32,
-    pub resource_failures: u32,
-    pub restarts: u32,
-    pub throttle: Vec<i64>,
-    pub last_exit: Option<String>,
+    /// Its processes and restart bookkeeping, as a slot's.
+    pub slot: SlotSnapshot,
     pub generation: u64,
     pub settled: bool,
 }
@@ -239,6 +233,55 @@ fn worker_restored(
     })
 }
 
+fn slot_snapshot(s: &Slot, base: Instant) -> SlotSnapshot {
+    let e = |t: Instant| enc(t, base);
+    SlotSnapshot {
+        current: s.current,
+        next: s.next,
+        backoff_until: s.backoff_until.map(e),
+        failures: s.failures,
+        resource_failures: s.resource_failures,
+        restarts: s.restarts,
+        throttle: s.throttle.history().map(e).collect(),
+        last_exit: s.last_exit.clone(),
+        recycle_after: s.recycle_after.map(e),
+        recycle_failures: s.recycle_failures,
+    }
+}
+
+/// A slot (or the agent's bookkeeping) of the snapshot; `exists` says which process ids came
+/// across. One left empty without a pending backoff is refilled at once.
+fn slot_restored(
+    s: SlotSnapshot,
+    cfg: &PoolConfig,
+    base: Instant,
+    now: Instant,
+    exists: impl Fn(WorkerId) -> bool,
+) -> Slot {
+    let d = |off: i64| dec(off, base);
+    let named = |id: Option<WorkerId>| id.filter(|&i| exists(i));
+    let current = named(s.current);
+    Slot {
+        current,
+        next: named(s.next),
+        backoff_until: s
+            .backoff_until
+            .map(d)
+            .or_else(|| current.is_none().then_some(now)),
+        failures: s.failures,
+        resource_failures: s.resource_failures,
+        restarts: s.restarts,
+        throttle: Throttle::with_history(
+            cfg.restart_limit,
+            cfg.restart_window,
+            s.throttle.into_iter().map(d).collect(),
+        ),
+        last_exit: s.last_exit,
+        recycle_after: s.recycle_after.map(d),
+        recycle_failures: s.recycle_failures,
+    }
+}
+
 impl Pool {
     /// Whether the pool can cross an exec now; `Err` says why not. Only a running pool with
     /// no reload under way and no worker spawning does: there is nothing half-done to carry.
@@ -267,22 +310,7 @@ impl Pool {
             .iter()
             .map(|(&id, w)| worker_snapshot(id, w, base))
             .collect();
-        let slots = self
-            .slots
-            .iter()
-            .map(|s| SlotSnapshot {
-                current: s.current,
-                next: s.next,
-                backoff_until: s.backoff_until.map(e),
-                failures: s.failures,
-                resource_failures: s.resource_failures,
-                restarts: s.restarts,
-                throttle: s.throttle.history().map(e).collect(),
-                last_exit: s.last_exit.clone(),
-                recycle_after: s.recycle_after.map(e),
-                recycle_failures: s.recycle_failures,
-            })
-            .collect();
+        let slots = self.slots.iter().map(|s| slot_snapshot(s, base)).collect();
         let c = &self.counters;
         PoolSnapshot {
             next_id: self.next_id,
@@ -337,14 +365,7 @@ impl Pool {
                     .iter()
                     .map(|(&id, w)| worker_snapshot(id, w, base))
                     .collect(),
-                current: a.current,
-                next: a.next,
-                backoff_until: a.backoff_until.map(e),
-                failures: a.failures,
-                resource_failures: a.resource_failures,
-                restarts: a.restarts,
-                throttle: a.throttle.history().map(e).collect(),
-                last_exit: a.last_exit.clone(),
+                slot: slot_snapshot(&a.slot, base),
                 generation: a.generation,
                 settled: a.settled,
             }),
@@ -367,34 +388,11 @@ impl Pool {
                 workers.insert(id, worker);
             }
         }
-        let named = |id: Option<WorkerId>| id.filter(|i| workers.contains_key(i));
         let slots: Vec<Slot> = snap
             .slots
             .into_iter()
             .take(MAX_WORKERS)
-            .map(|s| {
-                let current = named(s.current);
-                Slot {
-                    current,
-                    next: named(s.next),
-                    // An empty slot without a pending backoff is refilled at once.
-                    backoff_until: s
-                        .backoff_until
-                        .map(d)
-                        .or_else(|| current.is_none().then_some(now)),
-                    failures: s.failures,
-                    resource_failures: s.resource_failures,
-                    restarts: s.restarts,
-                    throttle: Throttle::with_history(
-                        pool.cfg.restart_limit,
-                        pool.cfg.restart_window,
-                        s.throttle.into_iter().map(d).collect(),
-                    ),
-                    last_exit: s.last_exit,
-                    recycle_after: s.recycle_after.map(d),
-                    recycle_failures: s.recycle_failures,
-                }
-            })
+            .map(|s| slot_restored(s, &pool.cfg, base, now, |id| workers.contains_key(&id)))
             .collect();
         if !slots.is_empty() {
             pool.slots = slots;
@@ -419,28 +417,14 @@ impl Pool {
                     agent.procs.insert(id, worker);
                 }
             }
-            let named = |id: Option<WorkerId>| id.filter(|i| agent.procs.contains_key(i));
-            agent.current = named(a.current);
-            agent.next = named(a.next);
-            // An agent that is gone without a pending backoff is restarted at once.
-            agent.backoff_until = a
-                .backoff_until
-                .map(d)
-                .or_else(|| agent.current.is_none().then_some(now));
-            agent.failures = a.failures;
-            agent.resource_failures = a.resource_failures;
-            agent.restarts = a.restarts;
-            agent.throttle = Throttle::with_history(
-                pool.cfg.restart_limit,
-                pool.cfg.restart_window,
-                a.throttle.into_iter().map(d).collect(),
-            );
-            agent.last_exit = a.last_exit;
+            // (An agent that is gone without a pending backoff is restarted at once.)
+            let procs = &agent.procs;
+            agent.slot = slot_restored(a.slot, &pool.cfg, base, now, |id| procs.contains_key(&id));
             agent.generation = a.generation.max(1);
             agent.settled = a.settled;
         } else if let Some(agent) = pool.agent.as_mut() {
             // The earlier image ran no agent: this one starts it now.
-            agent.backoff_until = Some(now);
+            agent.slot.backoff_until = Some(now);
             agent.settled = true;
         }
         let agent_max = pool

@@ -20,7 +20,7 @@ impl Pool {
             .procs
             .values()
             .filter_map(|w| self.worker_deadline(w))
-            .chain(agent.backoff_until)
+            .chain(agent.slot.backoff_until)
             .collect()
     }
 
@@ -28,9 +28,9 @@ impl Pool {
         let Some(agent) = self.agent.as_mut() else {
             return;
         };
-        if agent.backoff_until.is_some_and(|t| now >= t) {
-            agent.backoff_until = None;
-            if self.phase.serving() && agent.current.is_none() {
+        if agent.slot.backoff_until.is_some_and(|t| now >= t) {
+            agent.slot.backoff_until = None;
+            if self.phase.serving() && agent.slot.current.is_none() {
                 self.spawn_agent(now);
             }
         }
@@ -134,12 +134,12 @@ impl Pool {
                     return;
                 };
                 agent.procs.remove(&id);
-                if agent.current == Some(id) {
-                    agent.current = None;
+                if agent.slot.current == Some(id) {
+                    agent.slot.current = None;
                 }
-                let was_next = agent.next == Some(id);
+                let was_next = agent.slot.next == Some(id);
                 if was_next {
-                    agent.next = None;
+                    agent.slot.next = None;
                 }
                 self.counters.resource_failures += 1;
                 if !self.phase.serving() {
@@ -154,10 +154,10 @@ impl Pool {
                     }
                     return self.reload_failed(why);
                 }
-                agent.resource_failures = agent.resource_failures.saturating_add(1);
-                let delay = backoff(agent.resource_failures);
-                agent.backoff_until = Some(later(now, delay));
-                agent.last_exit = Some(format!("herder could not start it: {reason}"));
+                agent.slot.resource_failures = agent.slot.resource_failures.saturating_add(1);
+                let delay = backoff(agent.slot.resource_failures);
+                agent.slot.backoff_until = Some(later(now, delay));
+                agent.slot.last_exit = Some(format!("herder could not start it: {reason}"));
                 warn!(
                     "herder cannot start the agent: {reason} (herder's own resources, not the \
                      agent's fault); retrying in {}",
@@ -181,12 +181,12 @@ impl Pool {
         if let Some(pid) = w.pid {
             self.pids.remove(&pid);
         }
-        let (is_current, is_next) = (agent.current == Some(id), agent.next == Some(id));
+        let (is_current, is_next) = (agent.slot.current == Some(id), agent.slot.next == Some(id));
         if is_current {
-            agent.current = None;
+            agent.slot.current = None;
         }
         if is_next {
-            agent.next = None;
+            agent.slot.next = None;
         }
         if !serving {
             return self.finish_if_empty(now);
@@ -203,31 +203,31 @@ impl Pool {
         if !is_current {
             return; // an old agent that drained (reload) or retired
         }
-        agent.last_exit = Some(desc.clone());
-        agent.restarts = agent.restarts.saturating_add(1);
+        agent.slot.last_exit = Some(desc.clone());
+        agent.slot.restarts = agent.slot.restarts.saturating_add(1);
         self.counters.agent_restarts += 1;
-        let allowed = agent.throttle.allow(now);
+        let allowed = agent.slot.throttle.allow(now);
         if required && !allowed {
             let why = format!(
                 "the agent was restarted {} times within {}, more than --restart-limit {}; \
                  last: {desc}",
-                agent.throttle.recent(now),
-                fmt_dur(agent.throttle.window()),
-                agent.throttle.limit(),
+                agent.slot.throttle.recent(now),
+                fmt_dur(agent.slot.throttle.window()),
+                agent.slot.throttle.limit(),
             );
             return self.give_up(why, now);
         }
-        let (failures, delay) = restart_delay(agent.failures, w.spawned_at, w.ready_at, now);
-        agent.failures = failures;
+        let (failures, delay) = restart_delay(agent.slot.failures, w.spawned_at, w.ready_at, now);
+        agent.slot.failures = failures;
         let first_failed = !agent.settled;
-        if let Some(next) = agent.next.take() {
-            agent.current = Some(next);
+        if let Some(next) = agent.slot.next.take() {
+            agent.slot.current = Some(next);
             info!("agent: its replacement from the reload takes over");
         } else if delay.is_zero() {
             info!("agent restarting at once (it had served)");
             self.spawn_agent(now);
         } else {
-            agent.backoff_until = Some(later(now, delay));
+            agent.slot.backoff_until = Some(later(now, delay));
             warn!(
                 delay_ms = delay.as_millis() as u64,
                 "agent restarting in {} ms (backoff after {failures} failed start{})",

@@ -22,8 +22,10 @@ use tracing::{debug, info, warn};
 
 use super::stop::{drain_proc, kill_proc};
 use super::{later, Pool, ABORT_GRACE};
-use super::{Action, ReadyMode, State, Stop, StopWhy, Worker, WorkerId, WorkerMsg};
-use crate::throttle::{served, Throttle};
+use super::{
+    Action, PoolConfig, ReadyMode, Slot, State, Stop, StopWhy, Worker, WorkerId, WorkerMsg,
+};
+use crate::throttle::served;
 
 /// How the agent is run: `--agent-ready`, `--agent-required`, `--agent-stop-signal`,
 /// `--agent-drain-timeout`, `--agent-reload`.
@@ -37,21 +39,14 @@ pub struct AgentConfig {
 }
 
 /// The agent's state: its processes (the current one, a replacement starting, old ones
-/// draining) and its own restart bookkeeping.
+/// draining) and its own restart bookkeeping, a [`Slot`]'s that no pool slot shares.
 #[derive(Debug, Clone)]
 pub struct Agent {
     pub procs: BTreeMap<WorkerId, Worker>,
-    /// The agent serving now (or starting to).
-    pub current: Option<WorkerId>,
-    /// Its replacement (`--agent-reload`), until ready.
-    pub next: Option<WorkerId>,
-    pub backoff_until: Option<Instant>,
-    /// Consecutive failed starts, for the backoff.
-    pub failures: u32,
-    pub resource_failures: u32,
-    pub restarts: u32,
-    pub throttle: Throttle,
-    pub last_exit: Option<String>,
+    /// `current`: the agent serving now (or starting to); `next`: its replacement
+    /// (`--agent-reload`) until ready; and the backoff, failures, restarts, throttle and last
+    /// exit, counted as for a slot (the recycle fields are unused).
+    pub slot: Slot,
     /// The generation its current process was started for (`--agent-reload` follows the pool).
     pub generation: u64,
     /// It has been ready once, or (not required) its first start failed: the pool may start.
@@ -59,17 +54,10 @@ pub struct Agent {
 }
 
 impl Agent {
-    pub fn new(limit: u32, window: Duration) -> Agent {
+    pub fn new(cfg: &PoolConfig) -> Agent {
         Agent {
             procs: BTreeMap::new(),
-            current: None,
-            next: None,
-            backoff_until: None,
-            failures: 0,
-            resource_failures: 0,
-            restarts: 0,
-            throttle: Throttle::new(limit, window),
-            last_exit: None,
+            slot: Slot::new(cfg),
             generation: 1,
             settled: false,
         }
@@ -82,7 +70,8 @@ impl Agent {
 
     /// The process `herder status` shows: the current one, else one still draining.
     pub fn shown(&self) -> Option<&Worker> {
-        self.current
+        self.slot
+            .current
             .and_then(|id| self.procs.get(&id))
             .or_else(|| self.procs.values().next())
     }
@@ -129,10 +118,10 @@ impl Pool {
             stop_when_spawned: None,
         };
         agent.procs.insert(id, w);
-        if agent.current.is_none() {
-            agent.current = Some(id);
+        if agent.slot.current.is_none() {
+            agent.slot.current = Some(id);
         } else {
-            agent.next = Some(id);
+            agent.slot.next = Some(id);
         }
         self.out.push(Action::SpawnAgent { id });
     }
@@ -151,7 +140,7 @@ impl Pool {
         w.last_ping = now;
         w.state = State::Starting { deadline };
         let pending = w.stop_when_spawned.take();
-        agent.resource_failures = 0;
+        agent.slot.resource_failures = 0;
         self.pids.insert(pid, id);
         self.leftovers.remove(&pid);
         info!(pid, role = "agent", "agent (pid {pid}) spawned");
@@ -180,11 +169,11 @@ impl Pool {
         w.ready_at = Some(now);
         let pid = w.pid.unwrap_or(0);
         info!(pid, role = "agent", "agent (pid {pid}) ready");
-        agent.backoff_until = None;
+        agent.slot.backoff_until = None;
         let mut old = None;
-        if agent.next == Some(id) {
-            old = agent.current.replace(id);
-            agent.next = None;
+        if agent.slot.next == Some(id) {
+            old = agent.slot.current.replace(id);
+            agent.slot.next = None;
         }
         let first = !agent.settled;
         agent.settled = true;
@@ -251,7 +240,7 @@ impl Pool {
         let Some(w) = agent.procs.get_mut(&id) else {
             return;
         };
-        if agent.current != Some(id) || !served(w.ready_at, now) || w.state != State::Ready {
+        if agent.slot.current != Some(id) || !served(w.ready_at, now) || w.state != State::Ready {
             return;
         }
         let pid = w.pid.unwrap_or(0);
@@ -263,8 +252,8 @@ impl Pool {
             why: StopWhy::Retiring,
             kill_at: Some(later(now, timeout)),
         };
-        agent.current = agent.next.take();
-        if agent.current.is_none() {
+        agent.slot.current = agent.slot.next.take();
+        if agent.slot.current.is_none() {
             self.spawn_agent(now);
         }
     }
@@ -322,7 +311,7 @@ impl Pool {
         let Some(agent) = self.agent.as_mut() else {
             return false;
         };
-        agent.backoff_until = None;
+        agent.slot.backoff_until = None;
         let running: Vec<WorkerId> = agent
             .procs
             .iter()
@@ -351,14 +340,14 @@ impl Pool {
         let Some(agent) = self.agent.as_mut() else {
             return false;
         };
-        let Some(current) = agent.current.and_then(|id| agent.procs.get(&id)) else {
+        let Some(current) = agent.slot.current.and_then(|id| agent.procs.get(&id)) else {
             agent.generation = generation; // restarting: its next start is of this generation
             return false;
         };
         if current.generation >= generation {
             return false;
         }
-        if agent.next.is_none() {
+        if agent.slot.next.is_none() {
             agent.generation = generation;
             info!(
                 generation,
@@ -371,7 +360,7 @@ impl Pool {
 
     /// A newer reload: the new agent of the previous one is pointless now.
     pub(super) fn supersede_agent_reload(&mut self) {
-        if let Some(next) = self.agent.as_mut().and_then(|a| a.next.take()) {
+        if let Some(next) = self.agent.as_mut().and_then(|a| a.slot.next.take()) {
             self.kill_agent_proc(next, StopWhy::Superseded);
         }
     }

@@ -18,7 +18,7 @@ impl H {
     /// The pid of the current agent process.
     fn agent_pid(&self) -> i32 {
         let a = self.pool.agent.as_ref().expect("an agent");
-        let id = a.current.expect("an agent process");
+        let id = a.slot.current.expect("an agent process");
         a.procs[&id].pid.expect("spawned")
     }
 }
@@ -214,7 +214,7 @@ fn agent_reload_replaces_it_after_the_pool_has_rolled() {
         "the pool rolls first: {acts:?}"
     );
     let a = h.pool.agent.as_ref().unwrap();
-    let next = a.next.expect("a new agent once the pool has rolled");
+    let next = a.slot.next.expect("a new agent once the pool has rolled");
     let new = a.procs[&next].pid.unwrap();
     assert_eq!(
         h.agent_pid(),
@@ -257,9 +257,9 @@ fn the_agent_crosses_an_upgrade() {
     let cfg = h.pool.config().clone();
     let pool = Pool::restore(cfg, back, h.now, h.now);
     let a = pool.agent.as_ref().unwrap();
-    assert_eq!(a.procs[&a.current.unwrap()].pid, Some(agent));
-    assert_eq!(a.restarts, 1);
-    assert_eq!(pool.worker_of_pid(agent), a.current);
+    assert_eq!(a.procs[&a.slot.current.unwrap()].pid, Some(agent));
+    assert_eq!(a.slot.restarts, 1);
+    assert_eq!(pool.worker_of_pid(agent), a.slot.current);
     assert!(pool.is_ready());
 }
 
@@ -331,7 +331,7 @@ fn reloaded_to_the_agent(h: &mut H) -> i32 {
     h.msg(h.agent_pid(), WorkerMsg::Ready);
     h.req(Request::Reload);
     let a = h.pool.agent.as_ref().unwrap();
-    a.procs[&a.next.expect("a new agent")].pid.unwrap()
+    a.procs[&a.slot.next.expect("a new agent")].pid.unwrap()
 }
 
 #[test]
@@ -358,10 +358,10 @@ fn a_newer_reload_supersedes_the_new_agent() {
     assert!(kills(&acts).contains(&first), "{acts:?}");
     let a = h.pool.agent.as_ref().unwrap();
     assert!(
-        a.next.is_some(),
+        a.slot.next.is_some(),
         "the newest reload starts its own new agent"
     );
-    let newest = a.procs[&a.next.unwrap()].pid.unwrap();
+    let newest = a.procs[&a.slot.next.unwrap()].pid.unwrap();
     let acts = h.exit(first, ExitStatus::Signal(9));
     assert_eq!(agent_spawns(&acts), 0, "the superseded one is forgotten");
     let acts = h.msg(newest, WorkerMsg::Ready);
@@ -386,5 +386,5 @@ fn an_agent_in_backoff_at_the_end_of_a_reload_does_not_hold_it() {
     );
     h.until_deadline();
     let a = h.pool.agent.as_ref().unwrap();
-    assert_eq!(a.procs[&a.current.unwrap()].generation, 2);
+    assert_eq!(a.procs[&a.slot.current.unwrap()].generation, 2);
 }
