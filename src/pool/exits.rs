@@ -12,11 +12,11 @@
 
 use std::time::Instant;
 
-use nix::sys::signal::Signal;
 use tracing::{debug, error, info, warn};
 
-use super::{fmt_dur, later, Pool, ABORT_GRACE};
-use super::{Action, Blame, Reaped, State, Stop, StopWhy, WorkerId};
+use super::stop::abort_proc;
+use super::{fmt_dur, later, process_mut, Pool};
+use super::{Action, Blame, Reaped, State, StopWhy, WorkerId};
 use crate::throttle::{backoff, restart_delay, served};
 
 impl Pool {
@@ -315,25 +315,11 @@ impl Pool {
         }
     }
 
-    /// A missed WATCHDOG=1 or WATCHDOG=trigger: SIGABRT, SIGKILL after [`ABORT_GRACE`].
+    /// A missed WATCHDOG=1 or WATCHDOG=trigger, of a worker or the agent: SIGABRT, SIGKILL
+    /// after [`ABORT_GRACE`](super::ABORT_GRACE).
     pub(super) fn watchdog_failed(&mut self, id: WorkerId, now: Instant) {
-        let Some(w) = self.workers.get_mut(&id) else {
-            return;
-        };
-        match (w.state, w.pid) {
-            (State::Stopping { .. }, _) => {}
-            (State::Spawning, _) => w.stop_when_spawned = Some(Stop::Kill(StopWhy::Watchdog)),
-            (_, None) => {} // reaped: its exit is being handled
-            (_, Some(pid)) => {
-                w.state = State::Stopping {
-                    why: StopWhy::Watchdog,
-                    kill_at: Some(later(now, ABORT_GRACE)),
-                };
-                self.out.push(Action::Signal {
-                    pid,
-                    signal: Signal::SIGABRT,
-                });
-            }
+        if let Some(w) = process_mut(&mut self.workers, &mut self.agent, id) {
+            self.out.extend(abort_proc(w, now));
         }
     }
 }

@@ -5,14 +5,15 @@
 //! out for the supervisor to perform. This module must never touch a process, a socket, a
 //! signal or the clock itself: that is what makes the hard logic testable with tables of cases.
 //!
-//! Each rule lives in one place: this file holds the pool, starting workers and the clock;
-//! [`exits`] what a worker's end (or `STOPPING=1`, or a missed watchdog) means for its slot;
-//! [`reload`] the rolling reload; [`agent`] the one process beside the pool (`--agent`); [`leave`] a removed slot's worker that still accepts its
-//! queue; [`recycle`] replacing a worker that is too big or too old;
-//! [`stop`] stopping and scaling; [`snapshot`] the pool as it
-//! crosses an in-place upgrade; [`types`] the vocabulary.
+//! Each rule lives in one place: this file holds the pool, starting workers and their
+//! messages; [`clock`] its deadlines; [`exits`] what a worker's end (or `STOPPING=1`, or a
+//! missed watchdog) means for its slot; [`reload`] the rolling reload; [`agent`] the one
+//! process beside the pool (`--agent`); [`leave`] a removed slot's worker that still accepts
+//! its queue; [`recycle`] replacing a worker that is too big or too old; [`stop`] stopping and
+//! scaling; [`snapshot`] the pool as it crosses an in-place upgrade; [`types`] the vocabulary.
 
 mod agent;
+mod clock;
 mod exits;
 mod leave;
 mod recycle;
@@ -27,7 +28,6 @@ mod tests;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::Signal;
 use tracing::{debug, info, warn};
 
 pub use agent::{Agent, AgentConfig};
@@ -152,38 +152,6 @@ impl Pool {
         }
         self.advance_recycle(now);
         self.flush(now)
-    }
-
-    /// The earliest moment something is due (`None`: nothing; the loop sleeps until an event).
-    pub fn next_deadline(&self) -> Option<Instant> {
-        let workers = self
-            .workers
-            .values()
-            .filter_map(|w| self.worker_deadline(w));
-        let slots = self.slots.iter().filter_map(|s| s.backoff_until);
-        let phase = match self.phase {
-            Phase::LameDuck { until } => Some(until),
-            _ => None,
-        };
-        workers
-            .chain(slots)
-            .chain(phase)
-            .chain(self.next_ping)
-            .chain(self.leftovers.values().copied())
-            .chain(self.recycle_deadline())
-            .chain(self.agent_deadlines())
-            .min()
-    }
-
-    fn worker_deadline(&self, w: &Worker) -> Option<Instant> {
-        let watchdog = self.cfg.worker_watchdog.map(|iv| later(w.last_ping, iv));
-        match w.state {
-            State::Spawning => None,
-            State::Starting { deadline } => Some(watchdog.map_or(deadline, |d| d.min(deadline))),
-            State::Ready => watchdog,
-            State::Leaving { until } => Some(until),
-            State::Stopping { kill_at, .. } => kill_at,
-        }
     }
 
     pub fn ready_count(&self) -> usize {
@@ -387,16 +355,23 @@ impl Pool {
         }
     }
 
+    /// A message from a worker or the agent.
     fn message(&mut self, id: WorkerId, msg: WorkerMsg, now: Instant) {
-        let Some(w) = self.workers.get_mut(&id) else {
-            return self.agent_message(id, msg, now);
+        let is_agent = !self.workers.contains_key(&id);
+        let Some(w) = process_mut(&mut self.workers, &mut self.agent, id) else {
+            return;
         };
-        let (slot, pid) = (w.slot, w.pid.unwrap_or(0));
+        let (slot, pid, who) = (w.slot, w.pid.unwrap_or(0), who(w, is_agent));
+        let slot = (!is_agent).then_some(slot);
         let stopping = matches!(w.state, State::Stopping { .. });
         match msg {
             WorkerMsg::Ready => {
                 if matches!(w.state, State::Starting { .. }) {
-                    self.became_ready(id, now);
+                    if is_agent {
+                        self.agent_became_ready(id, now);
+                    } else {
+                        self.became_ready(id, now);
+                    }
                 }
             }
             WorkerMsg::Watchdog => w.last_ping = now,
@@ -405,17 +380,17 @@ impl Pool {
             WorkerMsg::WatchdogTrigger if stopping => {
                 debug!(
                     slot,
-                    pid, "worker {slot} (pid {pid}) sent WATCHDOG=trigger while stopping: ignored"
+                    pid, "{who} sent WATCHDOG=trigger while stopping: ignored"
                 );
             }
             WorkerMsg::WatchdogTrigger => {
                 warn!(
                     slot,
-                    pid,
-                    "worker {slot} (pid {pid}) asked for a watchdog failure (WATCHDOG=trigger)"
+                    pid, "{who} asked for a watchdog failure (WATCHDOG=trigger)"
                 );
                 self.watchdog_failed(id, now);
             }
+            WorkerMsg::Stopping if is_agent => self.agent_retiring(id, now),
             WorkerMsg::Stopping => self.retiring(id, now),
         }
     }
@@ -440,126 +415,7 @@ impl Pool {
         }
     }
 
-    // --- the clock ----------------------------------------------------------------------
-
-    fn tick(&mut self, now: Instant) {
-        if let Phase::LameDuck { until } = self.phase {
-            if now >= until {
-                info!("shutdown delay over: draining the pool");
-                self.begin_drain(EXIT_CLEAN, now);
-            }
-        }
-        let mut backoff_over = false;
-        for slot in 0..self.slots.len() {
-            let s = &mut self.slots[slot];
-            if s.backoff_until.is_some_and(|t| now >= t) {
-                s.backoff_until = None;
-                backoff_over = true;
-                if self.phase.serving() && s.current.is_none() {
-                    self.spawn(slot, now);
-                }
-            }
-        }
-        if backoff_over && self.reloading {
-            self.advance_reload(now);
-        }
-        let due: Vec<WorkerId> = self
-            .workers
-            .iter()
-            .filter(|(_, w)| self.worker_deadline(w).is_some_and(|d| now >= d))
-            .map(|(&id, _)| id)
-            .collect();
-        for id in due {
-            self.worker_due(id, now);
-        }
-        self.agent_tick(now);
-        let groups: Vec<i32> = self
-            .leftovers
-            .iter()
-            .filter(|(_, &t)| now >= t)
-            .map(|(&g, _)| g)
-            .collect();
-        for pgid in groups {
-            self.leftovers.remove(&pgid);
-            warn!(
-                pgid,
-                "processes the worker with pid {pgid} left in its process group did not stop \
-                 in time: killing them"
-            );
-            self.out.push(Action::SignalGroup {
-                pgid,
-                signal: Signal::SIGKILL,
-            });
-        }
-        if let (Some(at), Some(iv)) = (self.next_ping, self.cfg.manager_watchdog) {
-            if now >= at {
-                if self.healthy(now, iv) {
-                    self.manager.push(ManagerMsg::Watchdog);
-                } else {
-                    warn!("no ready worker for longer than the watchdog interval: not pinging systemd");
-                }
-                self.next_ping = Some(later(now, iv / 2));
-            }
-        }
-    }
-
-    fn worker_due(&mut self, id: WorkerId, now: Instant) {
-        let w = &self.workers[&id];
-        let (slot, pid) = (w.slot, w.pid.unwrap_or(0));
-        let watchdog_due = self
-            .cfg
-            .worker_watchdog
-            .is_some_and(|iv| now >= later(w.last_ping, iv));
-        match w.state {
-            State::Starting { deadline } if now >= deadline => {
-                warn!(
-                    slot,
-                    pid,
-                    "worker {slot} (pid {pid}) not ready within {}: killing it",
-                    fmt_dur(self.cfg.ready_timeout)
-                );
-                self.kill(id, StopWhy::ReadyTimeout);
-            }
-            State::Starting { .. } | State::Ready if watchdog_due => {
-                warn!(
-                    slot,
-                    pid,
-                    "worker {slot} (pid {pid}) missed its watchdog ({}): aborting it",
-                    fmt_dur(self.cfg.worker_watchdog.unwrap_or_default())
-                );
-                self.watchdog_failed(id, now);
-            }
-            State::Leaving { until } if now >= until => self.leave_timed_out(id, now),
-            State::Stopping {
-                why,
-                kill_at: Some(t),
-            } if now >= t => {
-                warn!(
-                    slot,
-                    pid, "worker {slot} (pid {pid}) did not exit in time: killing it"
-                );
-                if !self.phase.serving() {
-                    self.killed_any = true;
-                }
-                self.kill(id, why);
-            }
-            _ => {}
-        }
-    }
-
     // --- reporting ----------------------------------------------------------------------
-
-    /// Whether herder should keep pinging systemd's watchdog: serving with a ready worker, or
-    /// without one for less than the interval.
-    fn healthy(&self, now: Instant, interval: Duration) -> bool {
-        if !self.phase.serving() || self.ready_count() > 0 {
-            return true;
-        }
-        let since = self
-            .last_ready_at
-            .unwrap_or_else(|| later(self.started_at, self.cfg.ready_timeout));
-        now.saturating_duration_since(since) < interval
-    }
 
     fn flush(&mut self, now: Instant) -> Vec<Action> {
         let status = crate::status::status_line(self, now);
@@ -578,6 +434,29 @@ impl Pool {
             out.insert(at, Action::Manager(msgs));
         }
         out
+    }
+}
+
+/// The worker (or agent process) `id`, from the pool's workers or the agent's (a free function,
+/// so that the caller can push actions to the pool's other fields while holding it).
+fn process_mut<'a>(
+    workers: &'a mut BTreeMap<WorkerId, Worker>,
+    agent: &'a mut Option<Agent>,
+    id: WorkerId,
+) -> Option<&'a mut Worker> {
+    match workers.get_mut(&id) {
+        Some(w) => Some(w),
+        None => agent.as_mut()?.procs.get_mut(&id),
+    }
+}
+
+/// How log lines name a process: "worker 2 (pid 124)", "agent (pid 99)".
+fn who(w: &Worker, is_agent: bool) -> String {
+    let pid = w.pid.unwrap_or(0);
+    if is_agent {
+        format!("agent (pid {pid})")
+    } else {
+        format!("worker {} (pid {pid})", w.slot)
     }
 }
 

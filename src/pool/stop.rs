@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use tracing::{error, info};
 
-use super::{fmt_dur, later, Pool, EXIT_CLEAN, EXIT_GAVE_UP, EXIT_KILLED, MAX_WORKERS};
+use super::{fmt_dur, later, process_mut, Pool, ABORT_GRACE};
 use super::{Action, ManagerMsg, Phase, Request, Slot, State, Stop, StopWhy, Worker, WorkerId};
+use super::{EXIT_CLEAN, EXIT_GAVE_UP, EXIT_KILLED, MAX_WORKERS};
 
 impl Pool {
     pub(super) fn request(&mut self, r: Request, now: Instant) {
@@ -110,7 +111,7 @@ impl Pool {
         }
         for id in self.agent_ids() {
             self.killed_any = true;
-            self.kill_agent_proc(id, StopWhy::Killed);
+            self.kill(id, StopWhy::Killed);
         }
         self.finish_if_empty(now);
     }
@@ -193,9 +194,9 @@ impl Pool {
         }
     }
 
-    /// SIGKILL to the worker's process group, now.
+    /// SIGKILL to the process group of a worker or of the agent, now.
     pub(super) fn kill(&mut self, id: WorkerId, why: StopWhy) {
-        if let Some(w) = self.workers.get_mut(&id) {
+        if let Some(w) = process_mut(&mut self.workers, &mut self.agent, id) {
             self.out.extend(kill_proc(w, why));
         }
     }
@@ -240,6 +241,29 @@ pub(super) fn drain_proc(
                 kill_at: Some(kill_at),
             };
             Some(Action::Signal { pid, signal })
+        }
+    }
+}
+
+/// A missed watchdog (or WATCHDOG=trigger): SIGABRT now, SIGKILL after [`ABORT_GRACE`]
+/// (once it runs, if it is still spawning).
+pub(super) fn abort_proc(w: &mut Worker, now: Instant) -> Option<Action> {
+    match (w.state, w.pid) {
+        (State::Stopping { .. }, _) => None,
+        (State::Spawning, _) => {
+            w.stop_when_spawned = Some(Stop::Kill(StopWhy::Watchdog));
+            None
+        }
+        (_, None) => None, // reaped: its exit is being handled
+        (_, Some(pid)) => {
+            w.state = State::Stopping {
+                why: StopWhy::Watchdog,
+                kill_at: Some(later(now, ABORT_GRACE)),
+            };
+            Some(Action::Signal {
+                pid,
+                signal: Signal::SIGABRT,
+            })
         }
     }
 }

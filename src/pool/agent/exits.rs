@@ -11,19 +11,12 @@ use super::super::{Blame, Reaped, State, StopWhy, WorkerId};
 use crate::throttle::{backoff, restart_delay};
 
 impl Pool {
-    /// The agent's deadlines: its processes' (ready timeout, watchdog, SIGKILL) and its backoff.
-    pub(in crate::pool) fn agent_deadlines(&self) -> Vec<Instant> {
-        let Some(agent) = &self.agent else {
-            return Vec::new();
-        };
-        agent
-            .procs
-            .values()
-            .filter_map(|w| self.worker_deadline(w))
-            .chain(agent.slot.backoff_until)
-            .collect()
+    /// When the agent's backoff ends (its processes' deadlines are the pool's, like a worker's).
+    pub(in crate::pool) fn agent_backoff(&self) -> Option<Instant> {
+        self.agent.as_ref()?.slot.backoff_until
     }
 
+    /// The end of the agent's backoff: it starts again.
     pub(in crate::pool) fn agent_tick(&mut self, now: Instant) {
         let Some(agent) = self.agent.as_mut() else {
             return;
@@ -33,58 +26,6 @@ impl Pool {
             if self.phase.serving() && agent.slot.current.is_none() {
                 self.spawn_agent(now);
             }
-        }
-        let Some(agent) = &self.agent else {
-            return;
-        };
-        let due: Vec<WorkerId> = agent
-            .procs
-            .iter()
-            .filter(|(_, w)| self.worker_deadline(w).is_some_and(|d| now >= d))
-            .map(|(&id, _)| id)
-            .collect();
-        for id in due {
-            self.agent_due(id, now);
-        }
-    }
-
-    fn agent_due(&mut self, id: WorkerId, now: Instant) {
-        let Some(w) = self.agent.as_ref().and_then(|a| a.procs.get(&id)) else {
-            return;
-        };
-        let pid = w.pid.unwrap_or(0);
-        let watchdog_due = self
-            .cfg
-            .worker_watchdog
-            .is_some_and(|iv| now >= later(w.last_ping, iv));
-        match w.state {
-            State::Starting { deadline } if now >= deadline => {
-                warn!(
-                    pid,
-                    "agent (pid {pid}) not ready within {}: killing it",
-                    fmt_dur(self.cfg.ready_timeout)
-                );
-                self.kill_agent_proc(id, StopWhy::ReadyTimeout);
-            }
-            State::Starting { .. } | State::Ready if watchdog_due => {
-                warn!(
-                    pid,
-                    "agent (pid {pid}) missed its watchdog ({}): aborting it",
-                    fmt_dur(self.cfg.worker_watchdog.unwrap_or_default())
-                );
-                self.agent_watchdog_failed(id, now);
-            }
-            State::Stopping {
-                why,
-                kill_at: Some(t),
-            } if now >= t => {
-                warn!(pid, "agent (pid {pid}) did not exit in time: killing it");
-                if !self.phase.serving() {
-                    self.killed_any = true;
-                }
-                self.kill_agent_proc(id, why);
-            }
-            _ => {}
         }
     }
 

@@ -18,13 +18,11 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use tracing::{debug, info, warn};
+use tracing::info;
 
-use super::stop::{drain_proc, kill_proc};
-use super::{later, Pool, ABORT_GRACE};
-use super::{
-    Action, PoolConfig, ReadyMode, Slot, State, Stop, StopWhy, Worker, WorkerId, WorkerMsg,
-};
+use super::stop::drain_proc;
+use super::{later, Pool};
+use super::{Action, PoolConfig, ReadyMode, Slot, State, Stop, StopWhy, Worker, WorkerId};
 use crate::throttle::served;
 
 /// How the agent is run: `--agent-ready`, `--agent-required`, `--agent-stop-signal`,
@@ -146,7 +144,7 @@ impl Pool {
         info!(pid, role = "agent", "agent (pid {pid}) spawned");
         match pending {
             Some(Stop::Drain(why)) => return self.stop_agent_proc(id, why, now),
-            Some(Stop::Kill(why)) => return self.kill_agent_proc(id, why),
+            Some(Stop::Kill(why)) => return self.kill(id, why),
             None => {}
         }
         if !self.phase.serving() {
@@ -158,7 +156,7 @@ impl Pool {
         }
     }
 
-    fn agent_became_ready(&mut self, id: WorkerId, now: Instant) {
+    pub(super) fn agent_became_ready(&mut self, id: WorkerId, now: Instant) {
         let Some(agent) = self.agent.as_mut() else {
             return;
         };
@@ -193,41 +191,9 @@ impl Pool {
         self.announce_if_ready();
     }
 
-    pub(super) fn agent_message(&mut self, id: WorkerId, msg: WorkerMsg, now: Instant) {
-        let Some(w) = self.agent.as_mut().and_then(|a| a.procs.get_mut(&id)) else {
-            return;
-        };
-        let pid = w.pid.unwrap_or(0);
-        let stopping = matches!(w.state, State::Stopping { .. });
-        match msg {
-            WorkerMsg::Ready => {
-                if matches!(w.state, State::Starting { .. }) {
-                    self.agent_became_ready(id, now);
-                }
-            }
-            WorkerMsg::Watchdog => w.last_ping = now,
-            WorkerMsg::Status(s) => w.status = Some(s),
-            WorkerMsg::Errno(e) => w.errno = Some(e),
-            WorkerMsg::WatchdogTrigger if stopping => {
-                debug!(
-                    pid,
-                    "agent (pid {pid}) sent WATCHDOG=trigger while stopping: ignored"
-                );
-            }
-            WorkerMsg::WatchdogTrigger => {
-                warn!(
-                    pid,
-                    "agent (pid {pid}) asked for a watchdog failure (WATCHDOG=trigger)"
-                );
-                self.agent_watchdog_failed(id, now);
-            }
-            WorkerMsg::Stopping => self.agent_retiring(id, now),
-        }
-    }
-
     /// STOPPING=1 from the current agent after it has served: its replacement starts now.
     /// (Before it has served, or from a replacement, its exit is what counts.)
-    fn agent_retiring(&mut self, id: WorkerId, now: Instant) {
+    pub(super) fn agent_retiring(&mut self, id: WorkerId, now: Instant) {
         let timeout = self
             .agent_cfg()
             .map_or(self.cfg.drain_timeout, |c| c.drain_timeout);
@@ -258,27 +224,6 @@ impl Pool {
         }
     }
 
-    fn agent_watchdog_failed(&mut self, id: WorkerId, now: Instant) {
-        let Some(w) = self.agent.as_mut().and_then(|a| a.procs.get_mut(&id)) else {
-            return;
-        };
-        match (w.state, w.pid) {
-            (State::Stopping { .. }, _) => {}
-            (State::Spawning, _) => w.stop_when_spawned = Some(Stop::Kill(StopWhy::Watchdog)),
-            (_, None) => {}
-            (_, Some(pid)) => {
-                w.state = State::Stopping {
-                    why: StopWhy::Watchdog,
-                    kill_at: Some(later(now, ABORT_GRACE)),
-                };
-                self.out.push(Action::Signal {
-                    pid,
-                    signal: Signal::SIGABRT,
-                });
-            }
-        }
-    }
-
     /// `--agent-stop-signal`, SIGKILL after `--agent-drain-timeout`.
     pub(super) fn stop_agent_proc(&mut self, id: WorkerId, why: StopWhy, now: Instant) {
         let (signal, timeout) = self
@@ -288,12 +233,6 @@ impl Pool {
             });
         if let Some(w) = self.agent.as_mut().and_then(|a| a.procs.get_mut(&id)) {
             self.out.extend(drain_proc(w, why, signal, timeout, now));
-        }
-    }
-
-    pub(super) fn kill_agent_proc(&mut self, id: WorkerId, why: StopWhy) {
-        if let Some(w) = self.agent.as_mut().and_then(|a| a.procs.get_mut(&id)) {
-            self.out.extend(kill_proc(w, why));
         }
     }
 
@@ -361,7 +300,7 @@ impl Pool {
     /// A newer reload: the new agent of the previous one is pointless now.
     pub(super) fn supersede_agent_reload(&mut self) {
         if let Some(next) = self.agent.as_mut().and_then(|a| a.slot.next.take()) {
-            self.kill_agent_proc(next, StopWhy::Superseded);
+            self.kill(next, StopWhy::Superseded);
         }
     }
 }
