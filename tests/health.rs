@@ -36,11 +36,6 @@ fn raw(addr: SocketAddr, request: &[u8]) -> (u16, String) {
     )
 }
 
-fn health_addr(h: &mut Herder) -> SocketAddr {
-    let line = h.wait_line(&["health endpoint", "addr="], LONG);
-    field(&line, "addr").unwrap().parse().unwrap()
-}
-
 #[test]
 fn readyz_follows_the_pool_and_status_matches_it() {
     let dir = TempDir::new("health");

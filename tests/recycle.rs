@@ -83,11 +83,6 @@ impl Load {
     }
 }
 
-fn health_addr(h: &mut Herder) -> SocketAddr {
-    let line = h.wait_line(&["health endpoint", "addr="], LONG);
-    field(&line, "addr").unwrap().parse().unwrap()
-}
-
 /// herder's own log, in order: each recycle begins ("recycling worker") and ends ("recycle
 /// of worker … done") before the next begins. Returns how many there were.
 fn one_at_a_time(lines: &[String]) -> usize {

@@ -159,11 +159,6 @@ fn start_with(tag: &str, env: &[(&str, &str)], extra: &[&str], command: &[&str])
     }
 }
 
-fn health_addr(h: &mut Herder) -> SocketAddr {
-    let line = h.wait_line(&["health endpoint", "addr="], LONG);
-    field(&line, "addr").unwrap().parse().unwrap()
-}
-
 fn http_code(addr: SocketAddr, path: &str) -> u16 {
     use std::io::{Read, Write};
     let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)) else {

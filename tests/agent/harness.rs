@@ -34,11 +34,6 @@ pub fn start(args: &[&str], env: &[(&str, &str)]) -> Herder {
     Herder::spawn(cmd)
 }
 
-pub fn health_addr(h: &mut Herder) -> SocketAddr {
-    let line = h.wait_line(&["health endpoint", "addr="], LONG);
-    field(&line, "addr").unwrap().parse().unwrap()
-}
-
 /// One raw request; the status code and body (0 when there was no answer).
 pub fn probe(addr: SocketAddr, path: &str) -> (u16, String) {
     let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(5)) else {
@@ -107,14 +102,6 @@ pub fn mono_ns(line: &str) -> u64 {
     field(line, "mono_ns")
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no mono_ns in {line}"))
-}
-
-pub fn environ(pid: i32) -> Vec<String> {
-    let raw = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-    raw.split(|&b| b == 0)
-        .map(|s| String::from_utf8_lossy(s).to_string())
-        .filter(|s| !s.is_empty())
-        .collect()
 }
 
 /// fd number → link target (`socket:[123]`, `/dev/null`, …) of a process.

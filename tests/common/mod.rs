@@ -450,3 +450,18 @@ pub fn load(
         .collect();
     (ok, refused, handles)
 }
+
+/// The address of herder's `--health` endpoint, from its log line.
+pub fn health_addr(h: &mut Herder) -> SocketAddr {
+    let line = h.wait_line(&["health endpoint", "addr="], LONG);
+    field(&line, "addr").unwrap().parse().unwrap()
+}
+
+/// A process's environment, one `NAME=value` each (empty once it is gone).
+pub fn environ(pid: i32) -> Vec<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+    raw.split(|&b| b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| String::from_utf8_lossy(s).to_string())
+        .collect()
+}

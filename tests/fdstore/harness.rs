@@ -315,14 +315,6 @@ pub fn holds(pid: i32, ino: u64) -> bool {
     socket_inodes(pid).iter().any(|&(_, i)| i == ino)
 }
 
-pub fn environ(pid: i32) -> Vec<String> {
-    let raw = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-    raw.split(|&b| b == 0)
-        .filter(|s| !s.is_empty())
-        .map(|s| String::from_utf8_lossy(s).to_string())
-        .collect()
-}
-
 /// The worker of each slot, from herder's `worker S (pid P) spawned …` lines (the latest),
 /// once `n` have been printed.
 pub fn workers(h: &mut Herder, n: usize) -> Vec<(usize, i32)> {
@@ -345,11 +337,6 @@ pub fn exec_settled(pid: i32) {
     eventually("the worker to exec sleep", LONG, || {
         comm(pid).trim() == "sleep" && !environ(pid).is_empty()
     });
-}
-
-pub fn health_addr(h: &mut Herder) -> SocketAddr {
-    let line = h.wait_line(&["health endpoint", "addr="], LONG);
-    field(&line, "addr").unwrap().parse().unwrap()
 }
 
 pub fn valid_fdname(n: &str) -> bool {
